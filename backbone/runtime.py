@@ -1,0 +1,457 @@
+"""The stage runtime: consume, decode, dedupe, `stage.process`, encode, produce, checkpoint.
+
+It owns everything a stage must not: the bus, commits, per-session state changelog, dead
+letters, headers, metrics and shutdown. At-least-once by default (offsets are committed only
+after the outputs and the state they imply are acknowledged; replays are dropped downstream
+by (session, producer, seq)); exactly-once through Kafka transactions when configured.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from backbone import metrics
+from backbone.bus import Bus, BusAdmin, BusConsumer, BusError, BusProducer, Message, TopicPartition
+from backbone.codec import AvroCodec, DecodeError
+from backbone.records import DeadLetter, RecordValue, SessionControl
+from backbone.settings import Settings
+from backbone.stage import Inbound, Outbound, RecordRejected, SessionState, Stage
+from backbone.topics import TOPICS, state_topic
+from backbone.tracing import RecordHeaders, child_traceparent, new_traceparent, now_ms
+
+log = logging.getLogger("avatar.runtime")
+
+
+class StageFailed(RuntimeError):
+    """The runtime can no longer work (a delivery failed, a fatal bus error): the process
+    must exit without committing, so a restart replays from the last checkpoint."""
+
+
+@dataclass
+class _Checkpoint:
+    epoch: int
+    offsets: dict[tuple[str, int], int]
+    snapshots: dict[str, tuple[int, bytes]]  # session -> (partition, snapshot json)
+    phase: str = "outputs"  # outputs -> state -> done
+    started: float = field(default_factory=time.perf_counter)
+
+
+class StageRunner:
+    """Runs one stage on one bus. Constructor does no I/O; call `start()` then `run()`."""
+
+    def __init__(self, stage: Stage, settings: Settings, bus: Bus | None = None,
+                 codec: AvroCodec | None = None) -> None:
+        self.stage = stage
+        self.settings = settings
+        self._bus = bus
+        self._codec = codec
+        self.name = stage.name
+        extra: dict[str, str] = dict(getattr(stage, "extra_topics", {}))
+        self._schemas = {t: spec.schema for t, spec in TOPICS.items()} | extra
+        unknown = [t for t in stage.inputs if t not in self._schemas]
+        if unknown:
+            raise ValueError(f"stage {stage.name} reads unknown topics {unknown}")
+        self._physical = {t: settings.topic(t) for t in self._schemas}
+        self._logical = {p: t for t, p in self._physical.items()}
+        self._state_topic = settings.topic(state_topic(stage.name))
+        self._dlq_topic = settings.topic("deadletter")
+        self.states: dict[str, SessionState] = {}
+        self._session_partition: dict[str, int] = {}
+        self._restored: set[int] = set()
+        self._dirty: set[str] = set()
+        self._next_offsets: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}
+        self._epoch = 0
+        self._outstanding: dict[int, int] = defaultdict(int)
+        self._snap_outstanding = 0
+        self._pending: _Checkpoint | None = None
+        self._last_checkpoint = time.monotonic()
+        self._failure: BaseException | None = None
+        self._in_txn = False
+        self._started = False
+        self._lag_due = 0.0
+        self.processed = 0
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    @property
+    def bus(self) -> Bus:
+        if self._bus is None:
+            self._bus = self.settings.open_bus()
+        return self._bus
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._codec = self._codec or AvroCodec(registry_url=self.settings.schema_registry_url)
+        self.stage.start()
+        instance = self.settings.instance_id or f"{threading.get_native_id()}"
+        self.group = self.settings.group(self.name)
+        txn_id = f"{self.group}-{instance}" if self.settings.exactly_once else None
+        self.producer: BusProducer = self.bus.producer(transactional_id=txn_id)
+        if self.settings.exactly_once:
+            self.producer.init_transactions()
+        self.admin: BusAdmin = self.bus.admin()
+        if self.bus.name == "kafka":
+            self.consumer: BusConsumer = self.bus.consumer(  # type: ignore[call-arg]
+                self.group, read_committed=self.settings.exactly_once, stats_cb=self._on_stats)
+        else:
+            self.consumer = self.bus.consumer(self.group)
+        self.consumer.subscribe([self._physical[t] for t in self.stage.inputs],
+                                on_assign=self._on_assign, on_revoke=self._on_revoke)
+        metrics.serve(self.settings.metrics_port)
+        self._started = True
+        log.info("stage started", extra={"stage": self.name, "bus": self.bus.name,
+                                         "inputs": list(self.stage.inputs)})
+
+    def run(self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None,
+            max_records: int | None = None) -> None:
+        """Process until `stop` is set, nothing arrived for `idle_exit_s`, or `max_records`
+        were handled; then checkpoint and close."""
+        self.start()
+        stop = stop or threading.Event()
+        last_record = time.monotonic()
+        try:
+            while not stop.is_set():
+                handled = self.step(0.05)
+                now = time.monotonic()
+                if handled:
+                    last_record = now
+                elif idle_exit_s is not None and now - last_record >= idle_exit_s \
+                        and self._pending is None:
+                    break
+                if max_records is not None and self.processed >= max_records:
+                    break
+        finally:
+            self.close()
+
+    def step(self, timeout_s: float) -> bool:
+        """Handle at most one record; drive delivery reports and checkpoints."""
+        if self._failure is not None:
+            raise StageFailed(str(self._failure)) from self._failure
+        msg = self.consumer.poll(timeout_s)
+        if msg is not None:
+            self._handle(msg)
+        self.producer.poll(0)
+        self._drive_checkpoint()
+        if self.bus.name != "kafka" and time.monotonic() >= self._lag_due:
+            self._embedded_lag()
+        return msg is not None
+
+    def close(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        try:
+            if self._failure is None:
+                self.checkpoint_now()
+        finally:
+            try:
+                self.consumer.close()
+            finally:
+                self.producer.close()
+                self.stage.stop()
+        log.info("stage stopped", extra={"stage": self.name, "processed": self.processed})
+
+    # ---- records -----------------------------------------------------------------------
+
+    def _handle(self, msg: Message) -> None:
+        logical = self._logical.get(msg.topic, msg.topic)
+        metrics.RECORDS_IN.labels(self.name, logical).inc()
+        self.processed += 1
+        self._next_offsets[(msg.topic, msg.partition)] = msg.offset + 1
+        hdr = RecordHeaders.decode(msg)
+        session = (msg.key or b"").decode("utf-8", "replace")
+        if msg.value is not None and len(msg.value) > self.settings.max_record_bytes:
+            self._dead_letter(msg, hdr, "oversized", f"{len(msg.value)} bytes exceeds the "
+                              f"{self.settings.max_record_bytes}-byte limit")
+            return
+        if not session:
+            self._dead_letter(msg, hdr, "invalid", "record has no session key")
+            return
+        try:
+            assert self._codec is not None
+            value = self._codec.decode(msg.value, self._schemas[logical])
+        except DecodeError as exc:
+            self._dead_letter(msg, hdr, exc.category, exc.reason)
+            return
+        if getattr(value, "session_id", session) != session:
+            self._dead_letter(msg, hdr, "invalid", f"key {session!r} differs from the record's "
+                              f"session_id {getattr(value, 'session_id', '')!r}")
+            return
+        state = self._state_for(session, msg.partition)
+        tp_key = f"{logical}:{msg.partition}"
+        if state.applied.get(tp_key, -1) >= msg.offset:
+            metrics.DUPLICATES.labels(self.name, logical).inc()
+            return
+        dedupe_key = f"{logical}|{hdr.stage}"
+        if hdr.seq >= 0 and hdr.seq <= state.last_seq.get(dedupe_key, -1):
+            metrics.DUPLICATES.labels(self.name, logical).inc()
+            state.applied[tp_key] = msg.offset
+            self._dirty.add(session)
+            return
+        is_control = isinstance(value, SessionControl)
+        if state.ended and not is_control:
+            self._dead_letter(msg, hdr, "unknown_session", f"session {session} has ended")
+            self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
+            return
+        inbound = Inbound(logical, session, value, hdr.seq, hdr.event_time_ms or msg.timestamp_ms,
+                          hdr.traceparent, hdr.stage, hdr.model_version, msg.offset)
+        t0 = time.perf_counter()
+        try:
+            outputs = list(self.stage.process(inbound, state))
+        except RecordRejected as exc:
+            self._dead_letter(msg, hdr, exc.category, str(exc))
+            outputs = []
+        except Exception as exc:  # a stage bug must not kill the session: dead-letter it
+            log.error("stage error", extra={"stage": self.name, "session": session,
+                                            "error": traceback.format_exc(limit=5)})
+            self._dead_letter(msg, hdr, "stage_error", f"{type(exc).__name__}: {exc}")
+            outputs = []
+        metrics.PROCESS_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
+        for out in outputs:
+            self._emit(out, session, state, inbound)
+        if is_control and value.action == "END":
+            state.ended = True
+        self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
+
+    def _mark_applied(self, state: SessionState, tp_key: str, msg: Message, dedupe_key: str,
+                      hdr: RecordHeaders) -> None:
+        state.applied[tp_key] = msg.offset
+        if hdr.seq >= 0:
+            state.last_seq[dedupe_key] = hdr.seq
+        self._dirty.add(state.session_id)
+
+    def _emit(self, out: Outbound, session: str, state: SessionState, cause: Inbound) -> None:
+        topic = self._physical.get(out.topic)
+        if topic is None:
+            raise StageFailed(f"stage {self.name} emitted to unknown topic {out.topic!r}")
+        seq = state.next_seq.get(out.topic, 0)
+        state.next_seq[out.topic] = seq + 1
+        headers = RecordHeaders(
+            session, seq,
+            child_traceparent(cause.traceparent) if cause.traceparent else new_traceparent(),
+            cause.event_time_ms, self.name, self.stage.model_version, out.value.SCHEMA).encode()
+        assert self._codec is not None
+        payload = self._codec.encode(out.value, topic)
+        self._produce(topic, session.encode(), payload, headers)
+        metrics.RECORDS_OUT.labels(self.name, out.topic).inc()
+        if cause.event_time_ms:
+            metrics.E2E_LATENCY.labels(self.name).observe(
+                max(0.0, (now_ms() - cause.event_time_ms) / 1000.0))
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes,
+                 headers: tuple[tuple[str, bytes], ...]) -> None:
+        self._begin_txn()
+        epoch = self._epoch
+        self._outstanding[epoch] += 1
+
+        def delivered(err: Exception | None, _: Message | None) -> None:
+            self._outstanding[epoch] -= 1
+            if err is not None and self._failure is None:
+                self._failure = err
+        self.producer.produce(topic, key, value, headers, delivered)
+
+    def _dead_letter(self, msg: Message, hdr: RecordHeaders, category: str, reason: str) -> None:
+        metrics.DEAD_LETTERS.labels(self.name, category).inc()
+        log.warning("dead letter", extra={"stage": self.name, "session": hdr.session,
+                                          "category": category, "reason": reason,
+                                          "topic": msg.topic, "offset": msg.offset})
+        limit = self.settings.max_record_bytes
+        value = msg.value if msg.value is None or len(msg.value) <= limit else msg.value[:limit]
+        dl = DeadLetter(hdr.session or None, self.name, category, reason, msg.topic,
+                        msg.partition, msg.offset, msg.key, value, dict(msg.headers),
+                        msg.timestamp_ms)
+        assert self._codec is not None
+        headers = RecordHeaders(hdr.session, -1, hdr.traceparent or new_traceparent(),
+                                hdr.event_time_ms, self.name, self.stage.model_version,
+                                DeadLetter.SCHEMA).encode()
+        self._produce(self._dlq_topic, msg.key, self._codec.encode(dl, self._dlq_topic), headers)
+
+    # ---- per-session state -------------------------------------------------------------
+
+    def _state_for(self, session: str, partition: int) -> SessionState:
+        st = self.states.get(session)
+        if st is None:
+            st = SessionState(session)
+            self.states[session] = st
+            self._session_partition[session] = partition
+            metrics.SESSIONS.labels(self.name).set(len(self.states))
+        return st
+
+    def _on_assign(self, parts: Sequence[TopicPartition]) -> None:
+        wanted = {tp.partition for tp in parts}
+        for p in sorted(wanted - self._restored):
+            self._restore_partition(p)
+        self._restored |= wanted
+
+    def _restore_partition(self, partition: int) -> None:
+        latest: dict[str, bytes | None] = {}
+        try:
+            for m in self.admin.read(self._state_topic, partition):
+                latest[(m.key or b"").decode()] = m.value
+        except BusError as exc:
+            raise StageFailed(f"cannot restore state partition {partition}: {exc}") from exc
+        for session, raw in latest.items():
+            if raw is None:
+                continue
+            self.states[session] = SessionState.restore(json.loads(raw))
+            self._session_partition[session] = partition
+            metrics.RESTORED.labels(self.name).inc()
+        metrics.SESSIONS.labels(self.name).set(len(self.states))
+
+    def _on_revoke(self, parts: Sequence[TopicPartition]) -> None:
+        if self._failure is None:
+            self.checkpoint_now()
+        gone = {tp.partition for tp in parts}
+        for session in [s for s, p in self._session_partition.items() if p in gone]:
+            self.states.pop(session, None)
+            self._session_partition.pop(session, None)
+            self._dirty.discard(session)
+        self._restored -= gone
+        for key in [k for k in self._next_offsets if k[1] in gone]:
+            self._next_offsets.pop(key)
+        metrics.SESSIONS.labels(self.name).set(len(self.states))
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def _snapshots(self) -> dict[str, tuple[int, bytes]]:
+        snaps = {}
+        for session in self._dirty:
+            st = self.states.get(session)
+            if st is not None:
+                snaps[session] = (self._session_partition[session],
+                                  json.dumps(st.snapshot(), separators=(",", ":")).encode())
+        self._dirty.clear()
+        return snaps
+
+    def _produce_snapshot(self, session: str, partition: int, raw: bytes) -> None:
+        self._snap_outstanding += 1
+
+        def delivered(err: Exception | None, _: Message | None) -> None:
+            self._snap_outstanding -= 1
+            if err is not None and self._failure is None:
+                self._failure = err
+        self.producer.produce(self._state_topic, session.encode(), raw,
+                              (("stage", self.name.encode()),), delivered)
+
+    def _progress(self) -> bool:
+        return bool(self._dirty) or self._next_offsets != self._committed
+
+    def _drive_checkpoint(self) -> None:
+        if self.settings.exactly_once:
+            if self._in_txn and time.monotonic() - self._last_checkpoint >= \
+                    self.settings.checkpoint_interval_ms / 1000:
+                self.checkpoint_now()
+            return
+        now = time.monotonic()
+        if self._pending is None:
+            if now - self._last_checkpoint < self.settings.checkpoint_interval_ms / 1000 \
+                    or not self._progress():
+                return
+            self._pending = _Checkpoint(self._epoch, dict(self._next_offsets), self._snapshots())
+            self._epoch += 1
+        ck = self._pending
+        if ck.phase == "outputs":
+            if any(n > 0 for e, n in self._outstanding.items() if e <= ck.epoch):
+                return
+            for e in [e for e in self._outstanding if e <= ck.epoch]:
+                del self._outstanding[e]
+            for session, (partition, raw) in ck.snapshots.items():
+                self._produce_snapshot(session, partition, raw)
+            ck.phase = "state"
+        if ck.phase == "state":
+            if self._snap_outstanding > 0:
+                return
+            self._commit(ck.offsets)
+            metrics.CHECKPOINT_SECONDS.labels(self.name).observe(time.perf_counter() - ck.started)
+            self._pending = None
+            self._last_checkpoint = now
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        todo = {k: v for k, v in offsets.items() if self._committed.get(k) != v}
+        if todo:
+            self.consumer.commit([TopicPartition(t, p, o) for (t, p), o in todo.items()])
+            self._committed.update(todo)
+
+    def checkpoint_now(self) -> None:
+        """Blocking checkpoint: used on revoke, shutdown and in exactly-once mode."""
+        t0 = time.perf_counter()
+        if self.settings.exactly_once:
+            self._begin_txn()
+            for session, (partition, raw) in self._snapshots().items():
+                self._produce_snapshot(session, partition, raw)
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._next_offsets.items()]
+            if offsets:
+                self.producer.send_offsets_to_transaction(offsets, self.consumer)
+            self.producer.commit_transaction()
+            self._in_txn = False
+            self._outstanding.clear()
+            self._snap_outstanding = 0
+            self._committed = dict(self._next_offsets)
+        else:
+            if self.producer.flush(30.0) > 0:
+                raise StageFailed("outputs not acknowledged within 30 s")
+            self.producer.poll(0)
+            if self._failure is not None:
+                raise StageFailed(str(self._failure)) from self._failure
+            self._outstanding.clear()
+            for session, (partition, raw) in self._snapshots().items():
+                self._produce_snapshot(session, partition, raw)
+            if self.producer.flush(30.0) > 0 or self._failure is not None:
+                raise StageFailed(f"state not acknowledged: {self._failure}")
+            self._commit(dict(self._next_offsets))
+        self._pending = None
+        self._last_checkpoint = time.monotonic()
+        metrics.CHECKPOINT_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
+
+    def _begin_txn(self) -> None:
+        if self.settings.exactly_once and not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+
+    # ---- lag ---------------------------------------------------------------------------
+
+    def _on_stats(self, raw: str) -> None:
+        try:
+            stats: dict[str, Any] = json.loads(raw)
+            for topic, t in stats.get("topics", {}).items():
+                for pid, p in t.get("partitions", {}).items():
+                    lag = p.get("consumer_lag", -1)
+                    if int(pid) >= 0 and lag >= 0:
+                        metrics.CONSUMER_LAG.labels(self.name, self._logical.get(topic, topic),
+                                                    pid).set(lag)
+        except (ValueError, AttributeError):
+            pass
+
+    def _embedded_lag(self) -> None:
+        self._lag_due = time.monotonic() + 2.0
+        for tp in self.consumer.assignment():
+            hi = self.admin.watermarks(tp.topic, tp.partition)[1]
+            metrics.CONSUMER_LAG.labels(self.name, self._logical.get(tp.topic, tp.topic),
+                                        str(tp.partition)).set(max(0, hi - tp.offset))
+
+
+def provision_topics(settings: Settings, stages: Sequence[str], bus: Bus | None = None) -> list[str]:
+    """Create every data topic plus the state changelog of each named stage (idempotent)."""
+    bus = bus or settings.open_bus()
+    admin = bus.admin()
+    configs: dict[str, dict[str, str]] = {}
+    names = []
+    for spec in TOPICS.values():
+        name = settings.topic(spec.name)
+        names.append(name)
+        configs[name] = {"retention.ms": str(spec.retention_ms), "cleanup.policy": "delete"}
+    for stage in stages:
+        name = settings.topic(state_topic(stage))
+        names.append(name)
+        # Compacted: only the latest snapshot per session is needed to restore.
+        configs[name] = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+    admin.create_topics(names, settings.partitions, configs)
+    return names

@@ -1,0 +1,84 @@
+"""One frozen settings object per process, read from the environment.
+
+Every field names its env variable; the CLI and tests build it with `Settings.from_env()`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from backbone.bus import Bus
+
+
+def _env(name: str, default: Any, cast: type) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if cast is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return cast(raw)
+
+
+# field name -> (env name, cast)
+ENV_NAMES: dict[str, tuple[str, type]] = {
+    "bus": ("AVATAR_BUS", str),
+    "bootstrap": ("KAFKA_BOOTSTRAP", str),
+    "embedded_path": ("AVATAR_EMBEDDED_PATH", str),
+    "topic_prefix": ("AVATAR_TOPIC_PREFIX", str),
+    "partitions": ("AVATAR_PARTITIONS", int),
+    "schema_registry_url": ("AVATAR_SCHEMA_REGISTRY_URL", str),
+    "exactly_once": ("AVATAR_EXACTLY_ONCE", bool),
+    "metrics_port": ("AVATAR_METRICS_PORT", int),
+    "checkpoint_interval_ms": ("AVATAR_CHECKPOINT_INTERVAL_MS", int),
+    "max_record_bytes": ("AVATAR_MAX_RECORD_BYTES", int),
+    "instance_id": ("AVATAR_INSTANCE_ID", str),
+    "group_prefix": ("AVATAR_GROUP_PREFIX", str),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    bus: str = "embedded"  # "embedded" (SQLite, one machine) or "kafka"
+    bootstrap: str = "127.0.0.1:19092"
+    embedded_path: str = "avatar-data/bus.sqlite"
+    topic_prefix: str = "avatar."  # lets tests and tenants isolate their topics
+    # 12 partitions: enough consumers per stage to scale out on a few machines, and few
+    # enough that a single broker restores state quickly.
+    partitions: int = 12
+    schema_registry_url: str = ""  # set -> Confluent wire format; empty -> single-object
+    exactly_once: bool = False  # Kafka transactions instead of at-least-once + dedupe
+    metrics_port: int = 0  # 0: no /metrics server in this process
+    # Offsets and state are checkpointed this often; a crash replays at most this much
+    # (deduplicated downstream), and each checkpoint costs one producer flush.
+    checkpoint_interval_ms: int = 100
+    # 1 MB: the largest legitimate record is an H.264 keyframe at 768 px (~100 KB) or a
+    # second of 48 kHz PCM (96 KB); anything far bigger is a mistake or an attack.
+    max_record_bytes: int = 1_000_000
+    instance_id: str = ""
+    group_prefix: str = "avatar-"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            env, cast = ENV_NAMES[f.name]
+            values[f.name] = _env(env, f.default, cast)
+        values.update(overrides)
+        return cls(**values)
+
+    def topic(self, name: str) -> str:
+        return self.topic_prefix + name
+
+    def group(self, stage: str) -> str:
+        return f"{self.group_prefix}{self.topic_prefix}{stage}"
+
+    def open_bus(self) -> Bus:
+        if self.bus == "kafka":
+            from backbone.kafka_bus import KafkaBus
+            return KafkaBus(self.bootstrap)
+        if self.bus == "embedded":
+            from backbone.embedded import EmbeddedBus
+            return EmbeddedBus(Path(self.embedded_path))
+        raise ValueError(f"AVATAR_BUS must be 'embedded' or 'kafka', not {self.bus!r}")

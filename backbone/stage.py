@@ -1,0 +1,99 @@
+"""What a stage is: a plain transform `process(record, state) -> records` that never touches
+the bus. `backbone.runtime` runs it on Kafka or the embedded bus; `backbone.harness` in tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+from backbone.records import RecordValue
+
+
+class RecordRejected(ValueError):
+    """Raised by a stage for input it cannot use; the runtime dead-letters the record with
+    this message as the reason and the session goes on."""
+
+    def __init__(self, reason: str, category: str = "invalid") -> None:
+        super().__init__(reason)
+        self.category = category
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One decoded record as a stage sees it."""
+
+    topic: str  # logical topic name, e.g. "speech.phonemes"
+    session_id: str
+    value: RecordValue
+    seq: int = -1
+    event_time_ms: int = 0  # wall time of the originating input (end-to-end latency)
+    traceparent: str = ""
+    producer_stage: str = ""
+    model_version: str = ""
+    offset: int = -1
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A record a stage emits; the runtime keys it by session and adds the headers."""
+
+    topic: str
+    value: RecordValue
+
+
+@dataclass
+class SessionState:
+    """Per-session state. `data` must stay JSON-serialisable: it is checkpointed to the
+    stage's compacted changelog and restored on whichever instance gets the partition next.
+    `scratch` is process-local (encoders, caches) and is rebuilt after a fail-over."""
+
+    session_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+    # Runtime bookkeeping, checkpointed with `data`.
+    last_seq: dict[str, int] = field(default_factory=dict)  # "topic|producer" -> seq applied
+    next_seq: dict[str, int] = field(default_factory=dict)  # output topic -> next seq
+    applied: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> offset applied
+    ended: bool = False
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "data": self.data, "last_seq": self.last_seq,
+                "next_seq": self.next_seq, "applied": self.applied, "ended": self.ended}
+
+    @classmethod
+    def restore(cls, snap: dict[str, Any]) -> SessionState:
+        return cls(snap["session_id"], dict(snap["data"]), {}, dict(snap["last_seq"]),
+                   dict(snap["next_seq"]), dict(snap["applied"]), bool(snap["ended"]))
+
+
+class Stage(Protocol):
+    name: str  # also names the consumer group and the state changelog
+    model_version: str
+    inputs: tuple[str, ...]  # logical topics consumed
+
+    def start(self) -> None:
+        """Load models and open files (constructors do no I/O)."""
+        ...
+
+    def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]: ...
+
+    def stop(self) -> None: ...
+
+
+class BaseStage:
+    """Convenience base: no-op start/stop; subclasses set the class attributes."""
+
+    name = "stage"
+    model_version = "0"
+    inputs: tuple[str, ...] = ()
+    # Extra topics this stage reads or writes beyond backbone.topics.TOPICS: name -> schema.
+    extra_topics: dict[str, str] = {}
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]:
+        raise NotImplementedError

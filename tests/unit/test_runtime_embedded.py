@@ -1,0 +1,78 @@
+"""The stage runtime on the embedded bus: outputs with headers, dead letters, dedupe, and
+state that survives a restart."""
+import pytest
+
+from backbone.records import Transcript
+from backbone.runtime import StageRunner, provision_topics
+from backbone.settings import Settings
+from backbone.tracing import H_EVENT_TIME, H_SEQ, H_STAGE, H_TRACEPARENT, trace_id
+from processors.dialogue import DialogueStage
+from tests.support.bus_io import decode, read_all, send
+
+
+@pytest.fixture
+def settings(tmp_path):
+    s = Settings(bus="embedded", embedded_path=str(tmp_path / "bus.sqlite"), partitions=3,
+                 checkpoint_interval_ms=10)
+    provision_topics(s, ["dialogue"])
+    return s
+
+
+def run(settings, **kw):
+    r = StageRunner(DialogueStage(), settings)
+    r.run(idle_exit_s=0.2, **kw)
+    return r
+
+
+def test_each_transcript_becomes_a_reply_with_headers(settings):
+    bus = settings.open_bus()
+    for i, text in enumerate(["hello", "how are you"]):
+        send(bus, settings, "transcript", Transcript("s1", text), seq=i, event_time_ms=1234)
+    run(settings)
+    out = read_all(bus, settings, "reply")
+    assert [decode(m, "reply_text").text for m in out] == ["hello", "how are you"]
+    assert [m.header(H_SEQ) for m in out] == [b"0", b"1"]
+    assert all(m.header(H_STAGE) == b"dialogue" and m.header(H_EVENT_TIME) == b"1234"
+               for m in out)
+    assert all(trace_id(m.header(H_TRACEPARENT).decode()) for m in out)
+
+
+def test_garbage_goes_to_dead_letters_and_the_session_goes_on(settings):
+    bus = settings.open_bus()
+    send(bus, settings, "transcript", Transcript("s1", "before"), seq=0)
+    bus.producer().produce(settings.topic("transcript"), b"s1", b"garbage", ())
+    send(bus, settings, "transcript", Transcript("s1", "after"), seq=1)
+    run(settings)
+    assert [decode(m, "reply_text").text for m in read_all(bus, settings, "reply")] == \
+        ["before", "after"]
+    dead = [decode(m, "dead_letter") for m in read_all(bus, settings, "deadletter")]
+    assert len(dead) == 1 and dead[0].value == b"garbage"
+    assert dead[0].category == "undecodable" and dead[0].stage == "dialogue"
+
+
+def test_a_replayed_seq_is_dropped(settings):
+    bus = settings.open_bus()
+    send(bus, settings, "transcript", Transcript("s1", "once"), seq=0)
+    send(bus, settings, "transcript", Transcript("s1", "once"), seq=0)  # a producer retry
+    run(settings)
+    assert len(read_all(bus, settings, "reply")) == 1
+
+
+def test_state_and_offsets_survive_a_restart(settings):
+    bus = settings.open_bus()
+    send(bus, settings, "transcript", Transcript("s1", "one"), seq=0)
+    run(settings)
+    send(bus, settings, "transcript", Transcript("s1", "two"), seq=1)
+    run(settings)  # a new process: restores state, resumes after the committed offset
+    out = [decode(m, "reply_text") for m in read_all(bus, settings, "reply")]
+    assert [r.text for r in out] == ["one", "two"]
+    assert [r.utterance_id for r in out] == ["u0", "u1"]  # the counter came back from state
+
+
+def test_oversized_record_is_dead_lettered(settings):
+    small = Settings(**{**settings.__dict__, "max_record_bytes": 100})
+    bus = small.open_bus()
+    send(bus, small, "transcript", Transcript("s1", "x" * 500), seq=0)
+    run(small)
+    dead = [decode(m, "dead_letter") for m in read_all(bus, small, "deadletter")]
+    assert [d.category for d in dead] == ["oversized"]
