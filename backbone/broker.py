@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import logging
@@ -18,7 +19,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -64,7 +64,7 @@ class BrokerError(RuntimeError):
     """The broker could not be fetched, formatted, started or stopped."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BrokerSettings:
     """Where and how the local broker runs. Pure data; use `from_env()` for the defaults."""
 
@@ -87,8 +87,9 @@ class BrokerSettings:
         """
         e = os.environ if env is None else env
         cache = Path.home() / ".cache" / "avatar-backbone"
-        home = Path(e["AVATAR_KAFKA_HOME"]).expanduser() if e.get("AVATAR_KAFKA_HOME") else cache / "kafka"
-        lib = Path(e["AVATAR_KAFKA_LIB"]).expanduser() if e.get("AVATAR_KAFKA_LIB") else default_lib_dir()
+        home_env, lib_env = e.get("AVATAR_KAFKA_HOME"), e.get("AVATAR_KAFKA_LIB")
+        home = Path(home_env).expanduser().absolute() if home_env else cache / "kafka"
+        lib = Path(lib_env).expanduser().absolute() if lib_env else default_lib_dir()
         java_home = e.get("JAVA_HOME")
         java = str(Path(java_home) / "bin" / "java") if java_home else "java"
         return cls(
@@ -120,7 +121,7 @@ class BrokerSettings:
         return self.home / "broker.pid"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BrokerStatus:
     running: bool  # our broker process (pid file) is alive
     pid: int | None
@@ -132,6 +133,17 @@ def default_lib_dir(pom: Path = DEFAULT_POM) -> Path:
     """~/.cache/avatar-backbone/kafka-lib-<first 12 hex of sha256(pom.xml)>."""
     digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
     return Path.home() / ".cache" / "avatar-backbone" / f"kafka-lib-{digest}"
+
+
+def _absolute(settings: BrokerSettings) -> BrokerSettings:
+    """Relative paths made absolute: the JVM runs with cwd=home and /proc cmdlines must match."""
+    return dataclasses.replace(
+        settings,
+        home=settings.home.absolute(),
+        lib_dir=settings.lib_dir.absolute(),
+        pom=settings.pom.absolute(),
+        log4j_config=settings.log4j_config.absolute(),
+    )
 
 
 def _env_port(env: Mapping[str, str], name: str, default: int) -> int:
@@ -156,18 +168,20 @@ def fetch_jars(settings: BrokerSettings) -> Path:
     The jars land in a temp dir next to lib_dir that is renamed into place only after
     maven succeeded, so an interrupted download is simply redone on the next call.
     """
+    settings = _absolute(settings)
     lib = settings.lib_dir
     if (lib / _MARKER).is_file():
         return lib
     mvn = shutil.which(settings.mvn)
     if mvn is None:
-        raise BrokerError(f"{settings.mvn!r} not found on PATH: install Maven (Debian: apt-get install maven)")
+        raise BrokerError(f"{settings.mvn!r} not found on PATH: install Maven (Debian package: maven)")
     if not settings.pom.is_file():
         raise BrokerError(f"{settings.pom} not found")
     lib.parent.mkdir(parents=True, exist_ok=True)
     with _flock(lib.parent / f".{lib.name}.lock"):
         if (lib / _MARKER).is_file():  # another process fetched while we waited
             return lib
+        _remove_partials(lib)
         tmp = Path(tempfile.mkdtemp(prefix=f".{lib.name}.partial-", dir=lib.parent))
         try:
             started = time.monotonic()
@@ -178,12 +192,14 @@ def fetch_jars(settings: BrokerSettings) -> Path:
             _log.info("fetching kafka jars: %s", " ".join(cmd))
             try:
                 done = subprocess.run(
-                    cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_FETCH_TIMEOUT_S
+                    cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                    timeout=_FETCH_TIMEOUT_S,
                 )
             except subprocess.TimeoutExpired:
                 raise BrokerError(f"maven did not finish within {_FETCH_TIMEOUT_S:.0f} s") from None
             if done.returncode != 0:
-                raise BrokerError(f"maven failed (exit {done.returncode}):\n{_tail(done.stdout + done.stderr)}")
+                output = _tail(done.stdout + done.stderr)
+                raise BrokerError(f"maven failed (exit {done.returncode}):\n{output}")
             jars = sorted(p.name for p in tmp.glob("*.jar"))
             if not any(name.startswith("kafka_2.13-") for name in jars):
                 raise BrokerError(f"maven succeeded but no kafka_2.13 jar in {tmp}: {jars}")
@@ -193,8 +209,13 @@ def fetch_jars(settings: BrokerSettings) -> Path:
             tmp.rename(lib)
             _log.info("fetched %d jars into %s in %.1f s", len(jars), lib, time.monotonic() - started)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # no-op after the rename
+            _remove_partials(lib)  # ours unless renamed, plus any left by a killed fetch
     return lib
+
+
+def _remove_partials(lib: Path) -> None:
+    for partial in lib.parent.glob(f".{lib.name}.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- config
@@ -394,6 +415,12 @@ def _flock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _java_missing(settings: BrokerSettings) -> BrokerError:
+    return BrokerError(
+        f"{settings.java!r} not found: install Java 17+ (Debian package: openjdk-17-jre-headless)"
+    )
+
+
 def _format_storage(settings: BrokerSettings, lib: Path) -> str:
     cluster_id = _new_cluster_id()
     cmd = [
@@ -406,14 +433,16 @@ def _format_storage(settings: BrokerSettings, lib: Path) -> str:
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_FORMAT_TIMEOUT_S
         )
     except FileNotFoundError:
-        raise BrokerError(f"{settings.java!r} not found: install Java 17+ (Debian: openjdk-17-jre-headless)") from None
+        raise _java_missing(settings) from None
     except subprocess.TimeoutExpired:
         raise BrokerError(f"kafka StorageTool did not finish within {_FORMAT_TIMEOUT_S:.0f} s") from None
     if done.returncode != 0:
-        raise BrokerError(f"formatting {settings.data_dir} failed (exit {done.returncode}):\n{_tail(done.stdout + done.stderr)}")
+        output = _tail(done.stdout + done.stderr)
+        raise BrokerError(f"formatting {settings.data_dir} failed (exit {done.returncode}):\n{output}")
     found = _cluster_id(settings)
     if found is None:
-        raise BrokerError(f"StorageTool wrote no meta.properties into {settings.data_dir}:\n{_tail(done.stdout)}")
+        output = _tail(done.stdout)
+        raise BrokerError(f"StorageTool wrote no meta.properties in {settings.data_dir}:\n{output}")
     return found
 
 
@@ -421,14 +450,19 @@ def _wait_ready(settings: BrokerSettings, pid: int, cluster_id: str | None, dead
     while True:
         if not _alive(pid):
             settings.pid_file.unlink(missing_ok=True)
-            raise BrokerError(f"kafka broker (pid {pid}) exited during startup; {settings.log_file}:\n{log_tail(settings)}")
+            raise BrokerError(
+                f"kafka broker (pid {pid}) exited during startup; {settings.log_file}:\n{log_tail(settings)}"
+            )
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         if _answers(settings, min(2.0, max(remaining, 0.1)), cluster_id):
             return
         time.sleep(min(_POLL_S, max(deadline - time.monotonic(), 0.0)))
-    raise BrokerError(f"kafka broker (pid {pid}) not answering on {settings.bootstrap}; {settings.log_file}:\n{log_tail(settings)}")
+    raise BrokerError(
+        f"kafka broker (pid {pid}) not answering on {settings.bootstrap} in time; "
+        f"{settings.log_file}:\n{log_tail(settings)}"
+    )
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -442,6 +476,7 @@ def start(settings: BrokerSettings, timeout_s: float = 90.0) -> str:
     (with the tail of the broker log) if the broker exits or does not answer in time.
     """
     deadline = time.monotonic() + timeout_s
+    settings = _absolute(settings)
     settings.home.mkdir(parents=True, exist_ok=True)
     with _flock(settings.home / ".lock"):
         pid = _running_pid(settings)
@@ -461,7 +496,10 @@ def start(settings: BrokerSettings, timeout_s: float = 90.0) -> str:
 
         if settings.log_file.exists():
             settings.log_file.replace(settings.log_file.with_name(settings.log_file.name + ".1"))
-        cmd = [settings.java, *_jvm_flags(settings), "-cp", _classpath(lib), "kafka.Kafka", str(settings.properties_file)]
+        cmd = [
+            settings.java, *_jvm_flags(settings),
+            "-cp", _classpath(lib), "kafka.Kafka", str(settings.properties_file),
+        ]
         launched = time.monotonic()
         with settings.log_file.open("wb") as log:
             try:
@@ -470,7 +508,7 @@ def start(settings: BrokerSettings, timeout_s: float = 90.0) -> str:
                     cwd=settings.home, start_new_session=True, close_fds=True,
                 )
             except FileNotFoundError:
-                raise BrokerError(f"{settings.java!r} not found: install Java 17+ (Debian: openjdk-17-jre-headless)") from None
+                raise _java_missing(settings) from None
         _children[proc.pid] = proc
         pid_tmp = settings.pid_file.with_suffix(".pid.tmp")
         pid_tmp.write_text(f"{proc.pid}\n")
@@ -478,9 +516,11 @@ def start(settings: BrokerSettings, timeout_s: float = 90.0) -> str:
         try:
             _wait_ready(settings, proc.pid, cluster_id, deadline)
         except BrokerError:
-            _signal_and_wait(settings, proc.pid, signal.SIGKILL, _KILL_WAIT_S)  # no half-started orphan
+            # leave no half-started broker behind
+            _signal_and_wait(settings, proc.pid, signal.SIGKILL, _KILL_WAIT_S)
             raise
-        _log.info("kafka broker pid %d ready on %s in %.1f s", proc.pid, settings.bootstrap, time.monotonic() - launched)
+        took = time.monotonic() - launched
+        _log.info("kafka broker pid %d ready on %s in %.1f s", proc.pid, settings.bootstrap, took)
         return settings.bootstrap
 
 
@@ -502,6 +542,7 @@ def stop(settings: BrokerSettings, timeout_s: float = 30.0) -> bool:
 
     Returns True if a broker was running, False if there was nothing to stop (idempotent).
     """
+    settings = _absolute(settings)
     if not settings.home.is_dir():
         return False
     with _flock(settings.home / ".lock"):
@@ -510,7 +551,7 @@ def stop(settings: BrokerSettings, timeout_s: float = 30.0) -> bool:
             settings.pid_file.unlink(missing_ok=True)
             return False
         if not _signal_and_wait(settings, pid, signal.SIGTERM, timeout_s):
-            _log.warning("kafka broker pid %d ignored SIGTERM for %.0f s; sending SIGKILL", pid, timeout_s)
+            _log.warning("kafka broker pid %d ignored SIGTERM for %.0f s; SIGKILL", pid, timeout_s)
             if not _signal_and_wait(settings, pid, signal.SIGKILL, _KILL_WAIT_S):
                 raise BrokerError(f"kafka broker pid {pid} survived SIGKILL")
         return True
@@ -518,6 +559,7 @@ def stop(settings: BrokerSettings, timeout_s: float = 30.0) -> bool:
 
 def kill(settings: BrokerSettings) -> bool:
     """SIGKILL this home's broker at once (crash tests); True if one was running."""
+    settings = _absolute(settings)
     if not settings.home.is_dir():
         return False
     with _flock(settings.home / ".lock"):
@@ -532,6 +574,9 @@ def kill(settings: BrokerSettings) -> bool:
 
 def status(settings: BrokerSettings, timeout_s: float = 2.0) -> BrokerStatus:
     """Whether this home's broker process is alive and whether it answers a metadata request."""
+    settings = _absolute(settings)
     pid = _running_pid(settings)
     answering = pid is not None and _answers(settings, timeout_s, _cluster_id(settings))
-    return BrokerStatus(running=pid is not None, pid=pid, bootstrap=settings.bootstrap, answering=answering)
+    return BrokerStatus(
+        running=pid is not None, pid=pid, bootstrap=settings.bootstrap, answering=answering
+    )

@@ -71,7 +71,9 @@ def test_broker_answers(kafka_bootstrap: str) -> None:
     assert meta.cluster_id
 
 
-def test_status_of_own_broker(broker_settings: broker.BrokerSettings | None, kafka_bootstrap: str) -> None:
+def test_status_of_own_broker(
+    broker_settings: broker.BrokerSettings | None, kafka_bootstrap: str
+) -> None:
     if broker_settings is None:
         pytest.skip("KAFKA_BOOTSTRAP points at an external broker; nothing of ours to inspect")
     st = broker.status(broker_settings)

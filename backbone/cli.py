@@ -1,0 +1,144 @@
+"""`avatar`: the one command line of the project (broker, topics, stages, demo, stack)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from backbone import logs
+
+log = logging.getLogger("avatar.cli")
+
+
+def _cmd_kafka(args: argparse.Namespace) -> int:
+    from backbone import broker
+
+    settings = broker.BrokerSettings.from_env()
+    if args.home:
+        settings = broker.BrokerSettings.from_env(
+            {**os.environ, "AVATAR_KAFKA_HOME": args.home})
+    if args.action == "start":
+        print(broker.start(settings))
+    elif args.action == "stop":
+        print("stopped" if broker.stop(settings) else "not running")
+    else:
+        st = broker.status(settings)
+        print(f"running={st.running} answering={st.answering} pid={st.pid} "
+              f"bootstrap={st.bootstrap}")
+        return 0 if st.answering else 3
+    return 0
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from backbone.runtime import provision_topics
+    from backbone.settings import Settings
+    from backbone.stages import PIPELINE
+
+    settings = Settings.from_env()
+    for name in provision_topics(settings, PIPELINE):
+        print(name)
+    return 0
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from backbone.runtime import StageRunner
+    from backbone.settings import Settings
+    from backbone.stages import load_stage
+
+    settings = Settings.from_env()
+    runner = StageRunner(load_stage(args.name), settings)
+    stop = threading.Event()
+    # SIGTERM/SIGINT: finish the record in hand, checkpoint, commit, exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    runner.run(stop)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from backbone.demo import run_demo
+
+    out = run_demo(text=args.text, output=Path(args.output), bus=args.bus,
+                   data_dir=Path(args.data_dir), fps=args.fps, resolution=args.resolution,
+                   voice=args.voice)
+    print(out)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from backbone.stack import up
+
+    up(Path(args.run_dir), foreground=args.foreground)
+    return 0
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from backbone.stack import down
+
+    down(Path(args.run_dir), stop_broker=not args.keep_broker)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avatar", description=__doc__)
+    p.add_argument("--log-level", default=os.environ.get("AVATAR_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("kafka", help="run the local single-node Kafka broker")
+    k.add_argument("action", choices=["start", "stop", "status"])
+    k.add_argument("--home", default="", help="data dir (default: $AVATAR_KAFKA_HOME)")
+    k.set_defaults(fn=_cmd_kafka)
+
+    t = sub.add_parser("topics", help="provision topics")
+    t.add_argument("action", choices=["create"])
+    t.set_defaults(fn=_cmd_topics)
+
+    s = sub.add_parser("stage", help="run one stage as a process on the configured bus")
+    s.add_argument("name", help="dialogue | tts | animate | render | module:Class")
+    s.set_defaults(fn=_cmd_stage)
+
+    d = sub.add_parser("demo", help="text -> speech -> motion -> video, written to an MP4")
+    d.add_argument("--text", default="Hello! I am an open source avatar. "
+                   "My lips move with every word I say.")
+    d.add_argument("-o", "--output", default="demo.mp4")
+    d.add_argument("--bus", choices=["embedded", "kafka"], default="embedded")
+    d.add_argument("--data-dir", default="avatar-data")
+    d.add_argument("--fps", type=int, default=25)
+    d.add_argument("--resolution", type=int, default=512, choices=[256, 512, 768])
+    d.add_argument("--voice", default="en-us")
+    d.set_defaults(fn=_cmd_demo)
+
+    u = sub.add_parser("up", help="broker, topics and every stage as its own process")
+    u.add_argument("--run-dir", default="avatar-data/run")
+    u.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops")
+    u.set_defaults(fn=_cmd_up)
+
+    dn = sub.add_parser("down", help="stop what `avatar up` started")
+    dn.add_argument("--run-dir", default="avatar-data/run")
+    dn.add_argument("--keep-broker", action="store_true")
+    dn.set_defaults(fn=_cmd_down)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    try:
+        return int(args.fn(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one clear line for the user; details in the log
+        log.debug("command failed", exc_info=True)
+        print(f"avatar {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`avatar up` / `avatar down`: the real broker, its topics and every stage as its own
+process on this machine, with their pids and logs under one run directory."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from backbone import broker
+from backbone.runtime import provision_topics
+from backbone.settings import Settings
+from backbone.stages import PIPELINE
+
+METRICS_BASE_PORT = 9101  # stage i serves /metrics on 9101 + i
+
+
+def up(run_dir: Path, foreground: bool = False) -> dict[str, int]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bs = broker.BrokerSettings.from_env()
+    bootstrap = broker.start(bs)
+    settings = Settings.from_env(bus="kafka", bootstrap=bootstrap)
+    provision_topics(settings, PIPELINE)
+    pids: dict[str, int] = {}
+    for i, name in enumerate(PIPELINE):
+        env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": bootstrap,
+               "AVATAR_METRICS_PORT": str(METRICS_BASE_PORT + i),
+               "AVATAR_INSTANCE_ID": f"{name}-0"}
+        logf = open(run_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "backbone.cli", "stage", name], env=env,
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        pids[name] = proc.pid
+        print(f"{name}: pid {proc.pid}, metrics http://127.0.0.1:{METRICS_BASE_PORT + i}/metrics")
+    (run_dir / "pids.json").write_text(json.dumps(pids))
+    print(f"broker {bootstrap}; logs in {run_dir}; stop with `avatar down`")
+    if foreground:
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            down(run_dir)
+    return pids
+
+
+def down(run_dir: Path, stop_broker: bool = True, timeout_s: float = 20.0) -> None:
+    pid_file = run_dir / "pids.json"
+    pids: dict[str, int] = json.loads(pid_file.read_text()) if pid_file.exists() else {}
+    for name, pid in pids.items():
+        try:
+            os.kill(pid, signal.SIGTERM)  # stages checkpoint and commit on SIGTERM
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout_s
+    for name, pid in pids.items():
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        print(f"{name}: stopped")
+    pid_file.unlink(missing_ok=True)
+    if stop_broker:
+        broker.stop(broker.BrokerSettings.from_env())
+        print("broker: stopped")
