@@ -174,6 +174,8 @@ def _declare_signatures(lib: ctypes.CDLL) -> None:
         ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
     ]
     lib.espeak_Synth.restype = ctypes.c_int
+    lib.espeak_Info.argtypes = [ctypes.c_void_p]
+    lib.espeak_Info.restype = ctypes.c_char_p
 
 
 def _voice_languages(voice: _Voice) -> list[tuple[int, str]]:
@@ -274,10 +276,10 @@ def phoneme_spans(raw: list[tuple[int, str]], pcm: npt.NDArray[np.int16],
         cursor = max(cursor, end)
     if cursor < n:
         spans.append((PAUSE, cursor, n))
-    typed = [span for span in spans if span[2] > span[1]]
-    typed = _move_closures(typed, pcm, sample_rate)
+    nonempty = [span for span in spans if span[2] > span[1]]
+    moved = _move_closures(nonempty, pcm, sample_rate)
     merged: list[tuple[str, int, int]] = []
-    for symbol, start, end in typed:
+    for symbol, start, end in moved:
         if end <= start:
             continue
         if merged and symbol == PAUSE and merged[-1][0] == PAUSE:
@@ -318,7 +320,7 @@ class EspeakSynth:
     """Text to 16-bit mono speech plus the phoneme spans eSpeak NG used to make it.
 
     Output is not bit-reproducible: the library carries hidden state from one call to the
-    next (the same text twice differs by a few samples), so replay uses logged audio.
+    next (the same text twice differs by up to ~1% in length), so replay uses logged audio.
     """
 
     def __init__(self) -> None:
@@ -334,6 +336,11 @@ class EspeakSynth:
     @property
     def sample_rate(self) -> int:
         return self._started().sample_rate
+
+    def version(self) -> str:
+        """The library's version, e.g. "1.52.0": the tts stage's model version."""
+        raw = self._started().lib.espeak_Info(None)
+        return raw.decode("ascii", errors="replace") if raw else "unknown"
 
     def voices(self) -> list[str]:
         """Language codes accepted as `voice` (optionally with "+variant", e.g. "en-us+f3")."""

@@ -56,7 +56,11 @@ def wait_for_members(settings: Settings, n: int, timeout_s: float = 30) -> list[
     group = settings.group("dialogue")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        desc = admin.describe_consumer_groups([group])[group].result()
+        try:
+            desc = admin.describe_consumer_groups([group], request_timeout=5)[group].result()
+        except Exception:  # the coordinator of a fresh broker may still be loading
+            time.sleep(0.5)
+            continue
         counts = [len(m.assignment.topic_partitions) for m in desc.members]
         if len(counts) == n and all(counts) and str(desc.state).endswith("STABLE"):
             return counts

@@ -12,7 +12,10 @@ CODEC = AvroCodec()
 
 def send(bus: Bus, settings: Settings, topic: str, value: RecordValue, seq: int,
          stage: str = "test", event_time_ms: int | None = None) -> None:
-    p = bus.producer()
+    p = getattr(bus, "_test_producer", None)
+    if p is None:  # one producer per bus: a new idempotent producer costs a PID round trip
+        p = bus.producer()
+        bus._test_producer = p  # type: ignore[attr-defined]
     physical = settings.topic(topic)
     headers = RecordHeaders(value.session_id, seq, new_traceparent(),  # type: ignore[union-attr]
                             event_time_ms or now_ms(), stage, "test", value.SCHEMA).encode()

@@ -106,6 +106,10 @@ def test_rate_and_pitch_outside_espeak_ranges_are_speech_errors(synth: EspeakSyn
         synth.synthesize("hello", pitch=101)
 
 
+def test_version_names_the_library_release(synth: EspeakSynth) -> None:
+    assert synth.version()[:1].isdigit()
+
+
 def test_speech_error_is_a_value_error() -> None:
     assert issubclass(SpeechError, ValueError)
 
