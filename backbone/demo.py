@@ -24,10 +24,11 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
     producer = bus.producer()
     trace = new_traceparent()
     t = now_ms()
-    for seq, (topic, value) in enumerate([
+    first: list[tuple[str, SessionControl | ReplyText]] = [
         ("session.control", SessionControl(session_id, "CREATE", config)),
         ("reply", ReplyText(session_id, "u0", text, 0, True)),
-    ]):
+    ]
+    for seq, (topic, value) in enumerate(first):
         physical = settings.topic(topic)
         headers = RecordHeaders(session_id, seq if topic == "session.control" else 0, trace, t,
                                 "gateway", "demo", value.SCHEMA).encode()

@@ -258,7 +258,7 @@ class EmbeddedConsumer:
             self.bus.wait(left)
         return self._buffer.popleft()
 
-    def commit(self, offsets: Sequence[TopicPartition]) -> None:
+    def commit(self, offsets: Sequence[TopicPartition], asynchronous: bool = False) -> None:
         conn = self.bus.connect()
         conn.execute("BEGIN IMMEDIATE")
         for tp in offsets:

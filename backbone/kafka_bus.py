@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterator, Sequence
 import confluent_kafka
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka import TopicPartition as KTP
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from backbone.bus import (AssignCallback, BusConsumer, BusError, DeliveryCallback, Headers,
                           Message, TopicPartition, partition_for)
@@ -182,12 +183,15 @@ class KafkaConsumer:
             return None  # transient errors are retried by librdkafka itself
         return _to_message(m)
 
-    def commit(self, offsets: Sequence[TopicPartition]) -> None:
+    def commit(self, offsets: Sequence[TopicPartition], asynchronous: bool = False) -> None:
         if not offsets:
             return
         try:
-            self.client.commit(offsets=[KTP(tp.topic, tp.partition, tp.offset) for tp in offsets],
-                               asynchronous=False)
+            ktps = [KTP(tp.topic, tp.partition, tp.offset) for tp in offsets]
+            if asynchronous:
+                self.client.commit(offsets=ktps, asynchronous=True)
+            else:
+                self.client.commit(offsets=ktps, asynchronous=False)
         except KafkaException as exc:
             err = exc.args[0]
             if err.code() == KafkaError._NO_OFFSET:
@@ -267,15 +271,17 @@ class KafkaAdmin:
                 m = c.poll(0.2)
                 if m is None:
                     continue
-                if m.error() is not None:
-                    if m.error().code() == KafkaError._PARTITION_EOF:
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
                         return
-                    raise _classify(m.error())
-                if m.offset() >= stop:
+                    raise _classify(err)
+                offset = int(m.offset() or 0)
+                if offset >= stop:
                     return
                 deadline = time.monotonic() + timeout_s
                 yield _to_message(m)
-                if m.offset() + 1 >= stop:
+                if offset + 1 >= stop:
                     return
             raise BusError(f"reading {topic}[{partition}] timed out", retriable=True, fatal=False)
         finally:

@@ -217,7 +217,7 @@ class StageRunner:
         metrics.PROCESS_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
         for out in outputs:
             self._emit(out, session, state, inbound)
-        if is_control and value.action == "END":
+        if isinstance(value, SessionControl) and value.action == "END":
             state.ended = True
         self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
 
@@ -369,15 +369,18 @@ class StageRunner:
         if ck.phase == "state":
             if self._snap_outstanding > 0:
                 return
-            self._commit(ck.offsets)
+            # Asynchronous: a lost commit only means a longer (deduplicated) replay, and a
+            # synchronous round trip here would stall every record behind it.
+            self._commit(ck.offsets, asynchronous=True)
             metrics.CHECKPOINT_SECONDS.labels(self.name).observe(time.perf_counter() - ck.started)
             self._pending = None
             self._last_checkpoint = now
 
-    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+    def _commit(self, offsets: dict[tuple[str, int], int], asynchronous: bool = False) -> None:
         todo = {k: v for k, v in offsets.items() if self._committed.get(k) != v}
         if todo:
-            self.consumer.commit([TopicPartition(t, p, o) for (t, p), o in todo.items()])
+            self.consumer.commit([TopicPartition(t, p, o) for (t, p), o in todo.items()],
+                                 asynchronous=asynchronous)
             self._committed.update(todo)
 
     def checkpoint_now(self) -> None:

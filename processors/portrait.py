@@ -111,6 +111,10 @@ class MouthLayer:
     upper: F32  # (T, U, 4)
     lower: F32  # (T, U, 4)
     px_size: int  # the pack size the rows were measured at
+    # (K, 22, 2): each field's forward motion of the inner-lip landmarks (upper contour, then
+    # lower), normalised units, exactly as designed: the renderer cuts the mouth open along
+    # it, which keeps sharp mouth corners that the smooth fields round off.
+    lip_motion: F32
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,7 +130,6 @@ class PortraitPack:
     mouth: MouthLayer
     skin_alpha: F32  # (S, S): 0 in the eye openings, where the eyeball layer shows
     eye_back: U8  # (S, S, 3): the portrait with eye openings grown outwards
-    mouth_side: F32  # (S, S): the mouth region's mask over the whole image (1 below the lips)
 
     @property
     def size(self) -> int:
@@ -164,6 +167,7 @@ class PortraitPack:
             "mouth_upper": np.round(self.mouth.upper).astype(np.uint8),
             "mouth_lower": np.round(self.mouth.lower).astype(np.uint8),
             "mouth_px_size": np.array(self.mouth.px_size, dtype=np.int32),
+            "mouth_lip_motion": self.mouth.lip_motion.astype(np.float32),
         }
         for region in self.regions:
             arrays[f"region_{region.name}_cells"] = np.array(region.cells, dtype=np.int32)
@@ -180,8 +184,8 @@ class PortraitPack:
         _check_size(size)
         from skimage.transform import resize  # heavy import, only when resizing
 
-        image = resize(self.image, (size, size, 3), order=3, anti_aliasing=size < self.size,
-                       preserve_range=True)
+        image = resize(self.image, (size, size, 3),  # type: ignore[no-untyped-call]
+                       order=3, anti_aliasing=size < self.size, preserve_range=True)
         scale = size / self.size
         landmarks = (self.landmarks * np.float32(scale)).astype(np.float32)
         return _assemble(self.name, np.clip(np.round(image), 0, 255).astype(np.uint8),
@@ -190,7 +194,7 @@ class PortraitPack:
 
 
 def _quantise(fields: F32) -> NDArray[np.float16]:
-    # float16 keeps ~1e-3 px at 512 for these magnitudes and halves the file.
+    # float16 keeps these offsets to ~0.03 px at 512 and halves the file.
     return fields.astype(np.float16)
 
 
@@ -209,7 +213,8 @@ def load_pack(path: str | Path) -> PortraitPack:
             regions.append((rname, cells, data[f"region_{rname}_fields"].astype(np.float32)))
         mouth = MouthLayer(upper=data["mouth_upper"].astype(np.float32),
                            lower=data["mouth_lower"].astype(np.float32),
-                           px_size=int(data["mouth_px_size"]))
+                           px_size=int(data["mouth_px_size"]),
+                           lip_motion=data["mouth_lip_motion"].astype(np.float32))
         return _assemble(str(data["name"]), data["image"].astype(np.uint8),
                          data["landmarks"].astype(np.float32), names,
                          data["fields"].astype(np.float32), regions, mouth)
@@ -229,8 +234,12 @@ def default_pack(size: int = DEFAULT_SIZE) -> PortraitPack:
 
     warnings.warn(f"{DEFAULT_PACK_PATH} is missing: rebuilding it from "
                   "skimage.data.astronaut() (a few seconds; commit the file)", stacklevel=2)
-    pack = build_pack(np.asarray(astronaut(), dtype=np.uint8), DEFAULT_SIZE, name="astronaut")
-    pack.save(DEFAULT_PACK_PATH)
+    photo = np.asarray(astronaut(), dtype=np.uint8)  # type: ignore[no-untyped-call]
+    pack = build_pack(photo, DEFAULT_SIZE, name="astronaut")
+    try:
+        pack.save(DEFAULT_PACK_PATH)
+    except OSError as exc:  # a read-only install still renders, it just rebuilds next time
+        warnings.warn(f"could not write {DEFAULT_PACK_PATH}: {exc}", stacklevel=2)
     return pack.resized(size)
 
 
@@ -252,7 +261,7 @@ def detect_landmarks(image: U8) -> F64:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise PortraitError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} "
                             f"{image.shape}")
-    import mediapipe as mp  # type: ignore[import-untyped]  # heavy; only builders need it
+    import mediapipe as mp  # heavy (TensorFlow Lite, jax): only builders need it
 
     height, width = image.shape[:2]
     with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=3,
@@ -286,11 +295,12 @@ def _crop(image: U8, pts: F64, size: int) -> U8:
     side = 2.4 * face_h
     top_left = centre - side / 2 + np.array([0.0, 0.08 * side])
     scale = side / size
-    transform = AffineTransform(scale=scale, translation=(float(top_left[0]),
-                                                          float(top_left[1])))
+    transform = AffineTransform(  # type: ignore[no-untyped-call]
+        scale=scale, translation=(float(top_left[0]), float(top_left[1])))
     # Edge mode: a face near the photo border gets smeared edge pixels, not black bars.
-    out = warp(image, transform, output_shape=(size, size), order=3, mode="edge",
-               preserve_range=True)
+    out = np.asarray(warp(image, transform,  # type: ignore[no-untyped-call]
+                          output_shape=(size, size), order=3, mode="edge",
+                          preserve_range=True), dtype=np.float64)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
@@ -303,6 +313,8 @@ def build_pack(image: NDArray[np.uint8], size: int = DEFAULT_SIZE,
     """
     _check_size(size)
     photo = np.asarray(image)
+    if photo.ndim == 2:
+        photo = np.stack([photo] * 3, axis=-1)
     if photo.ndim == 3 and photo.shape[2] == 4:
         photo = photo[..., :3]
     first = detect_landmarks(np.ascontiguousarray(photo))
@@ -329,7 +341,7 @@ def _toothy(rgb: F64) -> BoolA:
     """Bright, nearly grey pixels: teeth. Lips and skin are far more saturated (~0.25+)."""
     vmax = rgb.max(axis=-1)
     sat = (vmax - rgb.min(axis=-1)) / np.maximum(vmax, 1.0)
-    return (vmax > 140) & (sat < 0.2)
+    return np.asarray((vmax > 140) & (sat < 0.2), dtype=np.bool_)
 
 
 def _refine_inner_lips(image: U8, pts: F64) -> F64:
@@ -339,7 +351,7 @@ def _refine_inner_lips(image: U8, pts: F64) -> F64:
     over the teeth). The renderer cuts the mouth open along this contour, so it should run
     exactly where lip meets teeth.
     """
-    from scipy.ndimage import map_coordinates  # type: ignore[import-untyped]
+    from scipy.ndimage import map_coordinates
 
     out = pts.copy()
     reach = 5.0 * image.shape[0] / 512
@@ -358,8 +370,26 @@ def _refine_inner_lips(image: U8, pts: F64) -> F64:
             # A lower-lip edge has teeth above and lip below; an upper-lip edge the reverse.
             edges = (np.flatnonzero(teeth[:-1] & lip[1:]) if down
                      else np.flatnonzero(lip[:-1] & teeth[1:]))
-            if len(edges):
-                found[j] = offsets[edges[np.argmin(np.abs(offsets[edges] + 0.25))]] + 0.25
+            if len(edges) == 0:
+                continue
+            e = int(edges[np.argmin(np.abs(offsets[edges] + 0.25))])
+            # The edge is blurred over a few pixels: put the cut halfway between the lip's
+            # dark inner line and the teeth, so neither side keeps a sliver of the other.
+            darkness = rgb.min(axis=-1)
+            span = int(round(4.0 * image.shape[0] / 512 / 0.5))
+            if down:
+                tooth_v = darkness[max(e - 1, 0):e + 1].mean()
+                lip_seg = darkness[e + 1:e + 1 + span]
+            else:
+                tooth_v = darkness[e + 1:e + 3].mean()
+                lip_seg = darkness[max(e + 1 - span, 0):e + 1][::-1]
+            if len(lip_seg) == 0:
+                continue
+            shadow = int(np.argmin(lip_seg))
+            mid = 0.5 * (tooth_v + lip_seg[shadow])
+            cross = np.flatnonzero(lip_seg[:shadow + 1] < mid)
+            steps = int(cross[0]) if len(cross) else shadow
+            found[j] = offsets[e] + 0.25 + (0.5 * steps if down else -0.5 * steps)
         ok = np.flatnonzero(np.isfinite(found))
         if len(ok) == 0:
             continue
@@ -529,7 +559,7 @@ def _lip_rho(face: _Face, k: I64) -> F64:
     upper = face.side[k] == 2 * _region_id("mouth")
     rho_u = (iu - p[k, 1]) / np.maximum(iu - ou, 1.0)
     rho_l = (p[k, 1] - il) / np.maximum(ol - il, 1.0)
-    return np.clip(np.where(upper, rho_u, rho_l), 0, 1)
+    return np.asarray(np.clip(np.where(upper, rho_u, rho_l), 0, 1), dtype=np.float64)
 
 
 def _mouth_sets(face: _Face) -> tuple[I64, I64, I64]:
@@ -547,7 +577,7 @@ def _jaw_open(face: _Face) -> F64:
     p = face.p
     d = np.zeros_like(p)
     chin_drop = 0.17 * face.face_h
-    lip_drop = 0.8 * chin_drop
+    lip_drop = 0.88 * chin_drop
     # The jaw hinges near the ears, so a point drops in proportion to how far in front of
     # the hinge it sits (depth), and only below the mouth-to-ear line.
     z_ear = face.z[list(EARS)].mean()
@@ -578,7 +608,7 @@ def _jaw_open(face: _Face) -> F64:
 
 def _jaw_gap(face: _Face, x: F64) -> F64:
     """How far jawOpen=1 parts the lips at x: mouthClose undoes exactly this."""
-    return 0.8 * 0.17 * face.face_h * face.lip_profile(x) ** 0.65
+    return 0.88 * 0.17 * face.face_h * face.lip_profile(x) ** 0.65
 
 
 def _mouth_close(face: _Face) -> F64:
@@ -662,7 +692,8 @@ def _corner_pull(face: _Face, left: bool, vec: tuple[float, float], upper_lift: 
 
 
 def _roll(face: _Face, lower_lip: bool) -> F64:
-    """Roll a lip in: it slides behind the other lip, leaving a thin red line."""
+    """Roll a lip in. The lower lip slides up behind the upper one (the renderer keeps the
+    upper lip in front), leaving a thin red line; the upper lip thins and closes down."""
     upper, lower, corners = _mouth_sets(face)
     p = face.p
     d = np.zeros_like(p)
@@ -672,8 +703,14 @@ def _roll(face: _Face, lower_lip: bool) -> F64:
         thick = _curve_y(p, LIP_OUTER_LOWER, p[:, 0]) - _curve_y(p, LIP_INNER_LOWER, p[:, 0])
     else:
         thick = _curve_y(p, LIP_INNER_UPPER, p[:, 0]) - _curve_y(p, LIP_OUTER_UPPER, p[:, 0])
-    shift = (face.gap(p[:, 0]) / 2 + 0.55 * thick) * c + 0.5 * face.unit
-    d[moving, 1] = -shift[moving] if lower_lip else shift[moving]
+    if lower_lip:
+        shift = (face.gap(p[:, 0]) / 2 + 0.55 * thick) * c + 0.5 * face.unit
+        d[moving, 1] = -shift[moving]
+    else:
+        rho = _lip_rho(face, np.arange(len(p)))
+        close = face.gap(p[:, 0]) / 2 + 1.0 * face.unit
+        d[moving, 1] = (close + 0.5 * thick * rho)[moving] * c[moving]
+        d[lower, 1] = -close[lower] * c[lower]
     drivers = np.zeros(len(p), bool)
     drivers[np.concatenate([upper, lower, corners])] = True
     return _extend(face, drivers, d, 0.06 * face.face_h)
@@ -759,7 +796,7 @@ DESIGNS: Final[dict[str, Design]] = {
     "mouthPressLeft": lambda f: _press(f, 1.0),
     "mouthPressRight": lambda f: _press(f, -1.0),
     "mouthFunnel": lambda f: _round_lips(f, 0.2, 0.035, 0.06, close=False),
-    "mouthPucker": lambda f: _round_lips(f, 0.28, 0.0, 0.04, close=True),
+    "mouthPucker": lambda f: _round_lips(f, 0.28, 0.0, 0.015, close=True),
     "mouthSmileLeft": lambda f: _corner_pull(f, True, (0.07, -0.1), 0.012, 0.0, 0.2),
     "mouthSmileRight": lambda f: _corner_pull(f, False, (0.07, -0.1), 0.012, 0.0, 0.2),
     "mouthStretchLeft": lambda f: _corner_pull(f, True, (0.08, 0.035), 0.0, 0.025, 0.15),
@@ -844,8 +881,9 @@ def _controls(face: _Face) -> _Controls:
     mouth = _region_id("mouth")
     xs = np.linspace(p[78, 0], p[308, 0], 11)[1:-1]
     gap = face.gap(xs)
-    for contour, label, fracs in ((LIP_INNER_UPPER, 2 * mouth, (0.3, 0.45)),
-                                  (LIP_INNER_LOWER, 2 * mouth + 1, (-0.3, -0.45))):
+    # Past the slit too: where pressed lips overlap, each lip shows beyond its old edge.
+    for contour, label, fracs in ((LIP_INNER_UPPER, 2 * mouth, (0.3, 0.6, 0.9, 1.2)),
+                                  (LIP_INNER_LOWER, 2 * mouth + 1, (-0.3, -0.6, -0.9, -1.2))):
         cx, _ = _sorted_curve(p, contour)
         order = np.argsort(p[list(contour), 0], kind="stable")
         ordered = np.array(contour)[order]
@@ -923,7 +961,7 @@ def _xs_sorted(p: F64, idx: tuple[int, ...], values: F64) -> tuple[F64, F64]:
 def _cell_centres(size: int) -> F64:
     """Pixel coordinate of each coarse cell centre (align_corners=False convention)."""
     step = size // FIELD_RES
-    return (np.arange(FIELD_RES) + 0.5) * step - 0.5
+    return np.asarray((np.arange(FIELD_RES) + 0.5) * step - 0.5, dtype=np.float64)
 
 
 def _spread(cells_xy: F64, points: F64, values: F64, sigma: float) -> F64:
@@ -943,10 +981,11 @@ def _spread(cells_xy: F64, points: F64, values: F64, sigma: float) -> F64:
 
 
 def _border_taper(size: int) -> F64:
-    """1 inside, falling smoothly to 0 at the image border: nothing moves at the frame edge."""
+    """0 on the outer coarse cells, rising smoothly to 1: nothing moves at the frame edge."""
     c = _cell_centres(size)
+    step = size // FIELD_RES
     margin = 0.06 * size
-    t = np.clip(np.minimum(c + 0.5, size - 0.5 - c) / margin, 0, 1)
+    t = np.clip((np.minimum(c, size - 1 - c) - step) / margin, 0, 1)
     t = t * t * (3 - 2 * t)
     return np.outer(t, t)
 
@@ -956,7 +995,10 @@ def _region_cells(face: _Face, controls: _Controls, region: str, sigma: float) -
     rid = _region_id(region)
     mine = (controls.side // 2 == rid) & (controls.side > 0)
     pts = controls.points[mine]
-    margin = 3.0 * sigma + 2 * face.unit
+    # Wide enough that both sides' fields agree at the edge even after inversion, which
+    # looks up to one displacement (~0.2 face heights for the jaw) away.
+    reach = 0.2 if region == "mouth" else 0.08
+    margin = 3.0 * sigma + reach * face.face_h
     step = face.size // FIELD_RES
     lo = np.floor((pts.min(axis=0) - margin) / step).astype(int)
     hi = np.ceil((pts.max(axis=0) + margin) / step).astype(int)
@@ -978,10 +1020,10 @@ def _blendshape_fields(face: _Face, controls: _Controls) -> tuple[
     side = controls.side
     base_set = (side == 0) | (side % 2 == 0)
     taper = _border_taper(size)
-    to_norm = -2.0 / size  # forward pixels -> backward normalised offsets
+    step = size // FIELD_RES
     base = _spread(cells, controls.points[base_set], flat[base_set], sigma)
     base = base.reshape(FIELD_RES, FIELD_RES, len(DRIVEN), 2).transpose(2, 0, 1, 3)
-    base = base * taper[None, :, :, None] * to_norm
+    base = base * taper[None, :, :, None]
     alts = []
     for region in REGIONS:
         rid = _region_id(region)
@@ -993,9 +1035,41 @@ def _blendshape_fields(face: _Face, controls: _Controls) -> tuple[
         alt_set = ((side == 0) | (side % 2 == 0) | (side == 2 * rid + 1)) & (side != 2 * rid)
         alt = _spread(acells, controls.points[alt_set], flat[alt_set], sigma)
         alt = alt.reshape(len(rows), len(cols), len(DRIVEN), 2).transpose(2, 0, 1, 3)
-        alt = alt * taper[np.ix_(rows, cols)][None, :, :, None] * to_norm
-        alts.append((region, (r0, r1, c0, c1), alt))
-    return base, alts
+        alt = alt * taper[np.ix_(rows, cols)][None, :, :, None]
+        # Invert with this side's field pasted into the base: sources can leave the box.
+        reach = int(math.ceil((0.2 if region == "mouth" else 0.08) * face.face_h / step)) + 2
+        y_lo, y_hi = max(r0 - 1 - reach, 0), min(r1 + 1 + reach, FIELD_RES)
+        x_lo, x_hi = max(c0 - 1 - reach, 0), min(c1 + 1 + reach, FIELD_RES)
+        pasted = base[:, y_lo:y_hi, x_lo:x_hi].copy()
+        pasted[:, r0 - 1 - y_lo:r1 + 1 - y_lo, c0 - 1 - x_lo:c1 + 1 - x_lo] = alt
+        inverse = _invert(pasted, step)[:, r0 - 1 - y_lo:r1 + 1 - y_lo,
+                                        c0 - 1 - x_lo:c1 + 1 - x_lo]
+        alts.append((region, (r0, r1, c0, c1), inverse * (2.0 / size)))
+    return _invert(base, step) * (2.0 / size), alts
+
+
+def _invert(forward: F64, step: int, iterations: int = 30) -> F64:
+    """Backward offsets (pixels) of forward displacements (K, R, R, 2) on the coarse grid.
+
+    Solves b(p) = -d(p + b(p)) by damped fixed-point iteration. Exact at weight 1 (the
+    renderer scales the result linearly, which is off by at most a pixel or two midway).
+    """
+    k, rows, cols, _ = forward.shape
+    back = -forward.copy()
+    gy, gx = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64),
+                         indexing="ij")
+    kk = np.arange(k)[:, None, None]
+    for _ in range(iterations):
+        sx = np.clip(gx[None] + back[..., 0] / step, 0, cols - 1)
+        sy = np.clip(gy[None] + back[..., 1] / step, 0, rows - 1)
+        x0 = np.minimum(np.floor(sx).astype(np.int64), cols - 2)
+        y0 = np.minimum(np.floor(sy).astype(np.int64), rows - 2)
+        fx = (sx - x0)[..., None]
+        fy = (sy - y0)[..., None]
+        d = ((forward[kk, y0, x0] * (1 - fx) + forward[kk, y0, x0 + 1] * fx) * (1 - fy)
+             + (forward[kk, y0 + 1, x0] * (1 - fx) + forward[kk, y0 + 1, x0 + 1] * fx) * fy)
+        back = 0.5 * back - 0.5 * d
+    return back
 
 
 def _head_fields(face: _Face, alts: list[tuple[str, tuple[int, int, int, int], F64]]) -> tuple[
@@ -1043,7 +1117,7 @@ def _head_fields(face: _Face, alts: list[tuple[str, tuple[int, int, int, int], F
 
 
 TOOTH_RGB: Final = np.array([228.0, 221.0, 204.0])
-TONGUE_RGB: Final = np.array([168.0, 82.0, 88.0])
+TONGUE_RGB: Final = np.array([176.0, 86.0, 80.0])
 
 
 def _mouth_layer(image: U8, face: _Face) -> MouthLayer:
@@ -1053,7 +1127,7 @@ def _mouth_layer(image: U8, face: _Face) -> MouthLayer:
     the upper texture, so the neutral face renders exactly as photographed; the rest is
     procedural: teeth continue down to a plausible length, shaded darker to the corners.
     """
-    from scipy.ndimage import map_coordinates  # type: ignore[import-untyped]
+    from scipy.ndimage import map_coordinates
 
     p = face.p
     x0, x1 = p[78, 0], p[308, 0]
@@ -1080,22 +1154,26 @@ def _mouth_layer(image: U8, face: _Face) -> MouthLayer:
         n_photo = int(math.floor(gap[j]))
         upper[:n_photo, j, :3] = photo[:n_photo, j]
         upper[:n_photo, j, 3] = 1.0
-        if photo_teeth:
-            # Continue the photographed teeth a little (their edges hide behind the lower
-            # lip); columns that show the dark mouth corner stay dark.
-            if n_photo == 0 or not toothy[n_photo - 1, j]:
-                continue
+        if n_photo > 0:
+            # The last photographed row carries on past the lip line, so the anti-aliased
+            # edge of the opening never mixes in cavity at rest.
             colour = photo[n_photo - 1, j]
-            end = gap[j] + 1.5 * face.unit
+            solid = gap[j] + 1.0
+            tooth_col = bool(toothy[n_photo - 1, j])
+            # Teeth carry on a little further (their edges hide behind the lower lip); the
+            # dark mouth corners just stop.
+            end = gap[j] + 1.5 * face.unit if tooth_col else solid
+        elif photo_teeth:
+            continue
         else:
             colour = tooth * shade[j]
-            end = length[j]
+            solid = end = length[j]
         for i in range(n_photo, rows):
             if i >= end + 1.5:
                 break
             darken = 1.0 - 0.3 * np.clip((i - gap[j]) / max(length[j], 1.0), 0, 1)
             upper[i, j, :3] = colour * darken
-            upper[i, j, 3] = float(np.clip((end + 1.5 - i) / 1.5, 0, 1))
+            upper[i, j, 3] = 1.0 if i <= solid else float(np.clip((end + 1.5 - i) / 1.5, 0, 1))
     if not photo_teeth:
         _tooth_gaps(upper, u)
     # The tongue: a low dome in the middle, darker towards its back (top) edge.
@@ -1110,8 +1188,12 @@ def _mouth_layer(image: U8, face: _Face) -> MouthLayer:
     for tex in (upper, lower):
         tex[..., :3] *= tex[..., 3:4]  # premultiplied: bilinear sampling stays clean
         tex[..., 3] *= 255.0
+    contour = list(LIP_INNER_UPPER) + list(LIP_INNER_LOWER)
+    motion = np.zeros((len(FIELD_NAMES), len(contour), 2))
+    for k, name in enumerate(DRIVEN):
+        motion[k] = DESIGNS[name](face)[contour] * (2.0 / face.size)
     return MouthLayer(upper=upper.astype(np.float32), lower=lower.astype(np.float32),
-                      px_size=face.size)
+                      px_size=face.size, lip_motion=motion.astype(np.float32))
 
 
 def _tooth_gaps(upper: F64, u: F64) -> None:
@@ -1150,12 +1232,9 @@ def _assemble(name: str, image: U8, landmarks: F32, field_names: tuple[str, ...]
     eye_back = image.copy()
     for eye in ("Right", "Left"):
         _eye_hole(alpha, eye_back, image, p, eye, unit)
-    every = np.arange(size, dtype=np.float64)
-    mouth_side = _split_mask("mouth", p, every, every, unit).astype(np.float32)
     return PortraitPack(name=name, image=image, landmarks=landmarks,
                         field_names=tuple(field_names), fields=fields.astype(np.float32),
-                        regions=tuple(built), mouth=mouth, skin_alpha=alpha, eye_back=eye_back,
-                        mouth_side=mouth_side)
+                        regions=tuple(built), mouth=mouth, skin_alpha=alpha, eye_back=eye_back)
 
 
 def _upsample(coarse: F32, step: int) -> F32:
@@ -1171,7 +1250,7 @@ def _upsample(coarse: F32, step: int) -> F32:
     fx = np.clip(xs - x0, 0, 1)[None, :, None]
     top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x1] * fx
     bot = coarse[y1][:, x0] * (1 - fx) + coarse[y1][:, x1] * fx
-    return (top * (1 - fy) + bot * fy).astype(np.float32)
+    return np.asarray(top * (1 - fy) + bot * fy, dtype=np.float32)
 
 
 def _split_mask(region: str, p: F64, xs: F64, ys: F64, unit: float) -> F64:
@@ -1190,7 +1269,11 @@ def _split_mask(region: str, p: F64, xs: F64, ys: F64, unit: float) -> F64:
     beyond = np.maximum(lo - xs, 0) + np.maximum(xs - hi, 0)
     width = 0.5 + 0.8 * beyond
     rel = (ys[:, None] - line[None, :]) * sign / width[None, :]
-    return np.clip(0.5 + rel, 0, 1)
+    # Well past the slit's ends both sides' fields agree, so the split fades out there and
+    # never reaches a neighbouring region.
+    sigma = 0.035 * float(np.linalg.norm(p[CHIN] - p[FOREHEAD]))
+    window = np.clip(3.0 - beyond / sigma, 0, 1)
+    return np.asarray(np.clip(0.5 + rel, 0, 1) * window[None, :], dtype=np.float64)
 
 
 def _polygon_distance(poly: F64, xs: F64, ys: F64) -> F64:
@@ -1210,7 +1293,7 @@ def _polygon_distance(poly: F64, xs: F64, ys: F64) -> F64:
         crosses = (y_a > py) != (y_b > py)
         x_at = x_a + (py - y_a) * (x_b - x_a) / np.where(y_b == y_a, 1e-9, y_b - y_a)
         inside ^= crosses & (px < x_at)
-    return np.where(inside, -dist, dist)
+    return np.asarray(np.where(inside, -dist, dist), dtype=np.float64)
 
 
 def _eye_hole(alpha: F32, eye_back: U8, image: U8, p: F64, eye: str, unit: float) -> None:

@@ -20,10 +20,11 @@ from processors.portrait import (LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitPack,
                                  load_pack)
 
 MAX_HEAD_RAD: Final = 0.35  # the warp is a small-angle model; past ~20 degrees it smears
-FIXED_POINT_STEPS: Final = 8  # contraction ~0.6 per step where a smile pulls hardest
-LIP_EDGE_INSET: Final = 1.0  # px at 512: clamp a little inside the lip, off the teeth
-CAVITY_DARK: Final = (24.0, 8.0, 10.0)
-CAVITY_RIM: Final = (92.0, 34.0, 38.0)
+FIXED_POINT_STEPS: Final = 5  # contraction is ~0.3 per step on these fields
+LIP_EDGE_INSET: Final = 1.25  # px at 512: clamp inside the lip, clear of the blurred teeth edge
+LIP_CLAMP_PAD: Final = 10.0  # px at 512 around the lip cut where sources may cross it
+CAVITY_DARK: Final = (28.0, 10.0, 9.0)
+CAVITY_RIM: Final = (104.0, 42.0, 36.0)
 
 Tensor = torch.Tensor
 
@@ -91,40 +92,53 @@ class FaceRenderer:
         fields = F.pad(fields, (1, 1, 1, 1), mode="replicate")
         self._bs_fields = fields[self._bs_rows].reshape(len(self._bs_rows), -1).contiguous()
         self._head_fields = fields[self._head_rows].reshape(3, -1).contiguous()
-        # Where anything can move: the warp only runs there, the rest is a copy.
-        moving = (np.abs(pack.fields).max(axis=(0, 3)) > 1e-6)
+        # Where anything moves by more than a twentieth of a pixel (head at its limit): the
+        # warp only runs there, the rest of the frame is a copy of the portrait.
+        reach = np.array([MAX_HEAD_RAD if n in head_names else 1.0 for n in names])
+        motion = (np.abs(pack.fields).max(axis=3) * reach[:, None, None]).max(axis=0) * s / 2
+        moving = motion > 0.05
+        for region in pack.regions:
+            ra0, ra1, rc0, rc1 = region.cells
+            moving[ra0:ra1, rc0:rc1] = True
         rows = np.flatnonzero(moving.any(axis=1))
         cols = np.flatnonzero(moving.any(axis=0))
-        if len(rows) == 0:
-            rows = cols = np.array([res // 2])
-        self._roi_cells = (max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, res),
-                           max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, res))
+        self._roi_cells = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
         r0, r1, c0, c1 = self._roi_cells
         st = self._step
         self._roi = (r0 * st, r1 * st, c0 * st, c1 * st)
         self._id_coarse = _identity_grid(res + 2, res + 2, res, -1, -1)  # padded coarse grid
-        y0, y1, x0, x1 = self._roi
-        self._id_roi = _identity_grid(y1 - y0, x1 - x0, s, y0, x0, pixel=True)
+        self._id_coarse_ch = self._id_coarse.permute(0, 3, 1, 2).contiguous()
         img = torch.from_numpy(pack.image.astype(np.float32)).permute(2, 0, 1)
         alpha = torch.from_numpy(pack.skin_alpha)[None]
-        self._skin = torch.cat([img * alpha, alpha], dim=0)[None].contiguous()  # premultiplied
-        self._eye_back = torch.from_numpy(
-            pack.eye_back.astype(np.float32)).permute(2, 0, 1)[None].contiguous()
+        # Premultiplied RGB, channels-last (grid_sample gathers a pixel's values at once); the
+        # alpha only matters around the eyes and is sampled there alone.
+        self._skin = (img * alpha)[None].contiguous(memory_format=torch.channels_last)
+        self._skin_alpha = alpha[None].contiguous()
+        eye_back = torch.from_numpy(pack.eye_back.astype(np.float32)).permute(2, 0, 1)
         self._image_u8 = np.ascontiguousarray(pack.image)
         self._regions = []
         for region in pack.regions:
             rf = torch.from_numpy(np.ascontiguousarray(region.fields.transpose(0, 3, 1, 2)))
             bs = rf[self._bs_rows].reshape(len(self._bs_rows), -1).contiguous()
             ra0, ra1, rc0, rc1 = region.cells
-            if region.name == "mouth":
-                # The whole image, not just the box: a head turn can bring pixels in from
-                # outside it, and the lip clamp must still know which side they are on.
-                mask = torch.from_numpy(pack.mouth_side)[None, None].contiguous()
-            else:
-                mask = torch.zeros(1, 1, s, s)
-                mask[0, 0, ra0 * st:ra1 * st, rc0 * st:rc1 * st] = torch.from_numpy(region.mask)
+            mask = torch.zeros(1, 1, s, s)
+            mask[0, 0, ra0 * st:ra1 * st, rc0 * st:rc1 * st] = torch.from_numpy(region.mask)
+            # Which blendshapes move this region's two sides apart (by half a pixel or more).
+            base_box = pack.fields[self._bs_rows][:, ra0 - 1:ra1 + 1, rc0 - 1:rc1 + 1]
+            split = np.abs(region.fields[self._bs_rows] - base_box).max(axis=(1, 2, 3)) * s / 2
+            active = torch.from_numpy(np.flatnonzero(split > 0.5))
             self._regions.append(_Region(region.name, region.cells, bs,
-                                         (ra1 - ra0 + 2, rc1 - rc0 + 2), mask))
+                                         (ra1 - ra0 + 2, rc1 - rc0 + 2), mask, active))
+        self._mouth = next(r for r in self._regions if r.name == "mouth")
+        eyes = [r.cells for r in self._regions if r.name.startswith("eye")]
+        self._eye_cells = (min(b[0] for b in eyes), max(b[1] for b in eyes),
+                           min(b[2] for b in eyes), max(b[3] for b in eyes))
+        y0, _, x0, _ = self._roi
+        self._eye_box = (self._eye_cells[0] * st - y0, self._eye_cells[1] * st - y0,
+                         self._eye_cells[2] * st - x0, self._eye_cells[3] * st - x0)
+        self._eye_regions = [r for r in self._regions if r.name.startswith("eye")]
+        self._eye_layer = torch.cat([eye_back[None]] + [r.mask for r in self._eye_regions],
+                                    dim=1).contiguous(memory_format=torch.channels_last)
         # Between the mouth corners the lips are cut apart: a pixel on one lip must never
         # sample the other lip or the photo's own teeth, so its source row is clamped to its
         # lip's inner edge (+inf/-inf: no clamp outside the corners).
@@ -142,6 +156,15 @@ class FaceRenderer:
         self._tex_upper = torch.from_numpy(mouth.upper).permute(2, 0, 1)[None].contiguous()
         self._tex_lower = torch.from_numpy(mouth.lower).permute(2, 0, 1)[None].contiguous()
         self._tex_rows_per_px = mouth.px_size / s
+        motion = torch.from_numpy(np.ascontiguousarray(mouth.lip_motion))  # (K, 22, 2)
+        self._lip_motion = motion[self._bs_rows].reshape(len(self._bs_rows), -1).contiguous()
+        self._lip_rest = torch.cat([self._lip_upper, self._lip_lower])
+        half = len(LIP_INNER_UPPER)
+        corners = torch.zeros(2 * half, dtype=torch.bool)
+        corners[[0, half - 1, half, 2 * half - 1]] = True
+        self._lip_designed = corners
+        own = torch.tensor([1] * half + [2] * half)
+        self._lip_pick = torch.cat([torch.zeros(2 * half, dtype=torch.long), own])
 
     def _require_started(self) -> None:
         if not self._ready:
@@ -157,11 +180,16 @@ class FaceRenderer:
         """
         w = np.asarray(weights, dtype=np.float32).reshape(1, -1)
         h = np.asarray(head, dtype=np.float32).reshape(1, -1)
-        return self.render_batch(w, h)[0]
+        frame: NDArray[np.uint8] = self.render_batch(w, h)[0]
+        return frame
 
     def render_batch(self, weights: NDArray[np.floating], head: NDArray[np.floating]) -> NDArray[
             np.uint8]:
-        """Frames (N, size, size, 3) from weights (N, 52) and head pose (N, 3)."""
+        """Frames (N, size, size, 3) from weights (N, 52) and head pose (N, 3).
+
+        Cheaper per frame than :meth:`render` (fixed costs are shared by up to 8 frames).
+        Weights are clamped to [0, 1], head angles to +-MAX_HEAD_RAD; NaN becomes 0.
+        """
         self._require_started()
         w = np.asarray(weights, dtype=np.float32)
         h = np.asarray(head, dtype=np.float32)
@@ -198,99 +226,166 @@ class FaceRenderer:
         grid_c = self._id_coarse + hd.permute(0, 2, 3, 1)
         bs_at = _sample(bs, grid_c, padded, res)
         total = hd + bs_at
-        r0, r1, c0, c1 = self._roi_cells
-        flow = _upsample_block(total, (r0, r1, c0, c1), st)  # (n, 2, roi_h, roi_w)
+        # Sampling positions at full resolution: upsampling identity+flow in one go (bilinear
+        # reproduces the identity exactly).
+        grid = _upsample_block(self._id_coarse_ch + total, self._roi_cells, st)
+        head_pos = self._id_coarse_ch + hd
         y0, _, x0, _ = self._roi
-        head_roi: Tensor | None = None
+        # The cut between the lips: each lip where its own field puts it (so the cut matches
+        # the warped lips exactly), the corners as designed (carried along by the head):
+        # the smooth fields round a corner off, the design keeps it sharp.
+        half = len(LIP_INNER_UPPER)
+        lips_rest = self._lip_rest + (coeff @ self._lip_motion).view(n, -1, 2) * (s / 2.0)
+        mouth = self._mouth
+        m0, m1, n0, n1 = mouth.cells
+        alt_m = (coeff @ mouth.fields).view(n, 2, *mouth.padded_shape)
+        alt_m = hd[:, :, m0:m1 + 2, n0:n1 + 2] + _sample_sub(
+            alt_m, grid_c[:, m0:m1 + 2, n0:n1 + 2], res, (m0 - 1, n0 - 1))
+        # Three flows on one coarse grid (head only, upper lip's side, lower lip's side), so
+        # all 22 points are solved together.
+        lower_side = total.clone()
+        lower_side[:, :, m0:m1 + 2, n0:n1 + 2] = alt_m
+        flows = torch.cat([hd, total, lower_side], dim=1)
+        start = torch.cat([lips_rest, self._lip_rest.expand(n, -1, -1)], dim=1)
+        lips = self._displaced(start, flows)
+        # The eye layer (eyeballs, and each eye's side mask) only follows the head: one
+        # sample over a box holding both eyes.
+        ey0, ey1, ex0, ex1 = self._eye_box
+        eye_grid = _upsample_block(head_pos, self._eye_cells, st).permute(0, 2, 3, 1)
+        eye_layer = F.grid_sample(self._eye_layer.expand(n, -1, -1, -1), eye_grid,
+                                  mode="bilinear", padding_mode="border", align_corners=False)
         for region in self._regions:
+            if region is not mouth and not bool((coeff[:, region.active] > 0).any()):
+                # Only fields that split this region can open a gap in it.
+                region.last_box = (0, 0, 0, 0)
+                continue
             a0, a1, b0, b1 = region.cells
             ph, pw = region.padded_shape
-            alt = (coeff @ region.fields).view(n, 2, ph, pw)
-            # The alternative field lives on a sub-grid; sample it at the head-displaced cells.
-            cell_grid = grid_c[:, a0:a1 + 2, b0:b1 + 2]
-            alt_at = _sample_sub(alt, cell_grid, res, (a0 - 1, b0 - 1))
-            delta = alt_at - bs_at[:, :, a0:a1 + 2, b0:b1 + 2]
-            delta_full = _upsample_padded(delta, st)
-            if head_roi is None:
-                head_roi = _upsample_block(hd, (r0, r1, c0, c1), st)
-            by0, bx0 = a0 * st - y0, b0 * st - x0
+            alt = alt_m - hd[:, :, a0:a1 + 2, b0:b1 + 2] if region is mouth else _sample_sub(
+                (coeff @ region.fields).view(n, 2, ph, pw), grid_c[:, a0:a1 + 2, b0:b1 + 2],
+                res, (a0 - 1, b0 - 1))
+            delta = alt - bs_at[:, :, a0:a1 + 2, b0:b1 + 2]
+            # Only where the two sides differ visibly this frame (the box is sized for the
+            # widest jaw drop, most frames need a fraction of it).
+            differs = (delta.abs().amax(dim=(0, 1)) * (s / 2) > 0.02)[1:-1, 1:-1]
+            rows = torch.nonzero(differs.any(dim=1)).flatten()
+            cols = torch.nonzero(differs.any(dim=0)).flatten()
+            if region is not mouth and len(rows) == 0:
+                region.last_box = (0, 0, 0, 0)
+                continue
+            if region is mouth:
+                # The lip cut always needs the mouth's box (clamping, the interior).
+                i0, i1, j0, j1 = 0, a1 - a0, 0, b1 - b0
+            else:
+                i0, i1 = int(rows[0]), int(rows[-1]) + 1
+                j0, j1 = int(cols[0]), int(cols[-1]) + 1
+            delta_full = _upsample_padded(delta[:, :, i0:i1 + 2, j0:j1 + 2], st)
+            by0, bx0 = (a0 + i0) * st - y0, (b0 + j0) * st - x0
             by1, bx1 = by0 + delta_full.shape[2], bx0 + delta_full.shape[3]
-            # Which side is a pixel on? The side its first-side source lies on: the first
-            # side (lower lid, upper lip) stays in front wherever it really is, and the
-            # second side shows through where the first has moved away.
-            base_grid = (self._id_roi[:, by0:by1, bx0:bx1]
-                         + flow[:, :, by0:by1, bx0:bx1].permute(0, 2, 3, 1))
-            mask = F.grid_sample(region.mask.expand(n, -1, -1, -1), base_grid, mode="bilinear",
-                                 padding_mode="zeros", align_corners=False)
-            flow[:, :, by0:by1, bx0:bx1] += mask * delta_full
-            region.last_grid = (self._id_roi[:, by0:by1, bx0:bx1]
-                                + head_roi[:, :, by0:by1, bx0:bx1].permute(0, 2, 3, 1))
+            if region is mouth:
+                mask = self._below_upper_lip(lips, by0 + y0, by1 + y0, bx0 + x0, bx1 + x0)
+            else:
+                ch = 3 + self._eye_regions.index(region)
+                mask = eye_layer[:, ch:ch + 1, by0 - ey0:by1 - ey0, bx0 - ex0:bx1 - ex0]
+            grid[:, :, by0:by1, bx0:bx1] += mask * delta_full
             region.last_box = (by0, by1, bx0, bx1)
             region.last_mask = mask
-            region.last_alt = hd[:, :, a0:a1 + 2, b0:b1 + 2] + alt_at
-        grid = self._id_roi + flow.permute(0, 2, 3, 1)
-        mouth = next(r for r in self._regions if r.name == "mouth")
-        self._clamp_to_lips(grid, mouth)
-        skin = F.grid_sample(self._skin.expand(n, -1, -1, -1), grid, mode="bilinear",
-                             padding_mode="border", align_corners=False)
-        rgb = skin[:, :3]
-        alpha = skin[:, 3:4]
-        for region in self._regions:
-            if not region.name.startswith("eye"):
-                continue
-            by0, by1, bx0, bx1 = region.last_box
-            back = F.grid_sample(self._eye_back.expand(n, -1, -1, -1), region.last_grid,
-                                 mode="bilinear", padding_mode="border", align_corners=False)
-            a = alpha[:, :, by0:by1, bx0:bx1]
-            rgb[:, :, by0:by1, bx0:bx1] += (1 - a) * back
+        grid_hw = grid.permute(0, 2, 3, 1).contiguous()
+        self._clamp_to_lips(grid_hw, mouth, lips)
+        rgb = F.grid_sample(self._skin.expand(n, -1, -1, -1), grid_hw, mode="bilinear",
+                            padding_mode="border", align_corners=False)
+        # The eyeballs show through the lids' openings (one box over both eyes, so nothing is
+        # composited twice where the eyes' own boxes overlap).
+        alpha = F.grid_sample(self._skin_alpha.expand(n, -1, -1, -1),
+                              grid_hw[:, ey0:ey1, ex0:ex1], mode="bilinear",
+                              padding_mode="border", align_corners=False)
+        rgb[:, :, ey0:ey1, ex0:ex1] += (1 - alpha) * eye_layer[:, :3]
         for i in range(n):
-            self._mouth_interior(i, rgb[i], total[i], mouth)
-        roi_u8 = rgb.clamp_(0, 255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            self._mouth_interior(rgb[i], lips[i])
         ry0, ry1, rx0, rx1 = self._roi
         out[:] = self._image_u8
-        out[:, ry0:ry1, rx0:rx1] = roi_u8
+        # +0.5 then truncation is rounding for non-negative values; one pass into the frame.
+        torch.from_numpy(out)[:, ry0:ry1, rx0:rx1].copy_(
+            rgb.add_(0.5).clamp_(0, 255).permute(0, 2, 3, 1))
 
-    def _displaced(self, pts: Tensor, field: Tensor, origin: tuple[int, int] | None) -> Tensor:
-        """Where the warp shows each source point: solve q + field(q) = p by iteration.
+    def _displaced(self, pts: Tensor, flows: Tensor) -> Tensor:
+        """Where the warp shows the lip contour: solve q + flow(q) = p by iteration.
 
-        ``field`` is one side's smooth coarse flow: the padded global grid when ``origin`` is
-        None, else a region's sub-grid whose cell (0, 0) is coarse cell ``origin``. Using one
-        side's field keeps the iteration off the discontinuity at the slit.
+        ``pts`` (n, 44, 2) holds the designed contour (22 points) then the resting contour;
+        ``flows`` (n, 6, R+2, R+2) the head-only, upper-lip-side and lower-lip-side flows.
+        The corners move as designed and only follow the head; the other points use their
+        own lip's field, so the cut matches the warped lips.
         """
         s, res = self._size, self._res
-        scale = s / 2.0
+        half = len(LIP_INNER_UPPER)
+        pick = self._lip_pick  # (44,) which flow (0, 1, 2) each point follows
         q = pts.clone()
+        idx = torch.arange(pts.shape[1])
         for _ in range(FIXED_POINT_STEPS):
-            g = ((2 * q + 1) / s - 1).view(1, 1, -1, 2)
-            if origin is None:
-                f = _sample(field[None], g, res + 2, res)
-            else:
-                f = _sample_sub(field[None], g, res, origin)
-            q = pts - f[0, :, 0].T * scale
-        return q
+            g = ((2 * q + 1) / s - 1).unsqueeze(1)  # (n, 1, 44, 2)
+            f = _sample(flows, g, res + 2, res)[:, :, 0]  # (n, 6, 44)
+            f = f.view(f.shape[0], 3, 2, -1)[:, pick, :, idx]  # (44, n, 2)
+            q = pts - f.permute(1, 0, 2) * (s / 2.0)
+        designed = q[:, :2 * half]
+        own = q[:, 2 * half:]
+        keep = self._lip_designed  # corners: designed; the rest: own field
+        return torch.where(keep[None, :, None], designed, own)
 
-    def _clamp_to_lips(self, grid: Tensor, mouth: _Region) -> None:
-        """Keep each lip's pixels sampling that lip (in place on the ROI grid)."""
+    def _below_upper_lip(self, lips: Tensor, y0: int, y1: int, x0: int, x1: int) -> Tensor:
+        """The mouth's second side for output pixels in a box: below the upper lip's edge.
+
+        The upper lip stays in front: whatever passes above its inner edge (a lip rolled in,
+        pressed lips overlapping) is hidden behind it. Past the mouth corners the cut fades
+        into a soft blend, where both sides' fields agree.
+        """
+        half = len(LIP_INNER_UPPER)
+        xs = np.arange(x0, x1, dtype=np.float64)
+        ys = np.arange(y0, y1, dtype=np.float64)[:, None]
+        out = np.empty((lips.shape[0], 1, y1 - y0, x1 - x0), dtype=np.float32)
+        for i, pts in enumerate(lips.numpy().astype(np.float64)):
+            up = pts[:half]
+            order = np.argsort(up[:, 0], kind="stable")
+            top = np.interp(xs, up[order, 0], up[order, 1])
+            beyond = np.maximum(up[0, 0] - xs, 0) + np.maximum(xs - up[-1, 0], 0)
+            width = 1.0 + 0.8 * beyond  # ~1 px of anti-aliasing along the cut
+            # Fade out well past the corners, where both sides' fields agree.
+            span = max(up[-1, 0] - up[0, 0], 1.0)
+            window = np.clip(1.5 - beyond / (0.25 * span), 0, 1)
+            out[i, 0] = (np.clip(0.5 + (ys - top[None, :]) / width[None, :], 0, 1)
+                         * window[None, :])
+        return torch.from_numpy(out)
+
+    def _clamp_to_lips(self, grid: Tensor, mouth: _Region, lips: Tensor) -> None:
+        """Keep each lip's pixels sampling that lip (in place on the ROI grid).
+
+        A source past a point a little inside the lip's edge (the blurred edge shows teeth
+        through it) is moved onto that point, the lip's dark inner line. Only pixels near
+        the lips can reach across, so only a box around them is checked.
+        """
         by0, by1, bx0, bx1 = mouth.last_box
         s = self._size
-        g = grid[:, by0:by1, bx0:bx1]
+        y0, _, x0, _ = self._roi
+        pad = LIP_CLAMP_PAD * s / 512
+        cy0 = max(int(lips[..., 1].min() - pad) - y0, by0)
+        cy1 = min(int(lips[..., 1].max() + pad) + 1 - y0, by1)
+        cx0 = max(int(lips[..., 0].min() - pad) - x0, bx0)
+        cx1 = min(int(lips[..., 0].max() + pad) + 1 - x0, bx1)
+        if cy1 <= cy0 or cx1 <= cx0:
+            return
+        g = grid[:, cy0:cy1, cx0:cx1]
         sx = ((g[..., 0] + 1) * s - 1) / 2
         sy = ((g[..., 1] + 1) * s - 1) / 2
         col = sx.round().clamp_(0, s - 1).long()
-        lower = mouth.last_mask[:, 0] > 0.5
+        lower = mouth.last_mask[:, 0, cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0] > 0.5
         clamped = torch.where(lower, torch.maximum(sy, self._edge_lo[col]),
                               torch.minimum(sy, self._edge_up[col]))
         g[..., 1] = (2 * clamped + 1) / s - 1
 
-    def _mouth_interior(self, i: int, rgb: Tensor, base: Tensor, mouth: _Region) -> None:
-        """Draw teeth, cavity and tongue between the warped inner lips."""
-        a0, _, b0, _ = mouth.cells
-        up = self._displaced(self._lip_upper, base, None).numpy().astype(np.float64)
-        lo = self._displaced(self._lip_lower, mouth.last_alt[i],
-                             (a0 - 1, b0 - 1)).numpy().astype(np.float64)
-        # The corners belong to both lips: meet halfway.
-        for j in (0, -1):
-            up[j] = lo[j] = 0.5 * (up[j] + lo[j])
+    def _mouth_interior(self, rgb: Tensor, lips: Tensor) -> None:
+        """Draw teeth, cavity and tongue between the inner lips (22 points, output px)."""
+        half = len(LIP_INNER_UPPER)
+        up = lips[:half].numpy().astype(np.float64)
+        lo = lips[half:].numpy().astype(np.float64)
         x_left, x_right = up[0, 0], up[-1, 0]
         if x_right - x_left < 2:
             return
@@ -345,16 +440,15 @@ class _Region:
     """A split region's tensors, plus scratch from the current frame."""
 
     def __init__(self, name: str, cells: tuple[int, int, int, int], fields: Tensor,
-                 padded_shape: tuple[int, int], mask: Tensor) -> None:
+                 padded_shape: tuple[int, int], mask: Tensor, active: Tensor) -> None:
         self.name = name
+        self.active = active
         self.cells = cells
         self.fields = fields
         self.padded_shape = padded_shape
         self.mask = mask
-        self.last_grid = torch.zeros(0)
         self.last_box = (0, 0, 0, 0)
         self.last_mask = torch.zeros(0)
-        self.last_alt = torch.zeros(0)
 
 
 def _contour_y(p: NDArray[np.float64], idx: tuple[int, ...],
@@ -363,14 +457,11 @@ def _contour_y(p: NDArray[np.float64], idx: tuple[int, ...],
     return np.interp(xs, p[list(idx), 0][order], p[list(idx), 1][order])
 
 
-def _identity_grid(h: int, w: int, full: int, row0: int, col0: int,
-                   pixel: bool = False) -> Tensor:
+def _identity_grid(h: int, w: int, full: int, row0: int, col0: int) -> Tensor:
     """Normalised sampling positions (1, h, w, 2) of a block of a ``full``-sized grid.
 
-    ``row0``/``col0`` are the block's first row/column in that grid (may be -1 for the
-    padding cell). ``pixel`` only documents that ``full`` counts pixels, not coarse cells.
+    ``row0``/``col0`` are the block's first row/column in that grid (-1: the padding cell).
     """
-    del pixel
     ys = (2 * (torch.arange(h, dtype=torch.float32) + row0) + 1) / full - 1
     xs = (2 * (torch.arange(w, dtype=torch.float32) + col0) + 1) / full - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
@@ -410,9 +501,133 @@ def _upsample_block(coarse_padded: Tensor, cells: tuple[int, int, int, int],
 
 def _sample_texture(tex: Tensor, u: NDArray[np.float64], rows: NDArray[np.float64]) -> Tensor:
     """Bilinear lookup of a (1, 4, T, U) texture at column fraction u and row index rows."""
-    t_rows, t_cols = tex.shape[2:]
+    t_rows = tex.shape[2]
     gx = np.broadcast_to(2 * u[None, :] - 1, rows.shape)
     gy = 2 * rows / max(t_rows - 1, 1) - 1
     g = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
-    del t_cols
     return F.grid_sample(tex, g, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+
+# ---- the render stage: motion -> rendered frames -> H.264 -> video topic ----------------
+
+from typing import Any, Iterable  # noqa: E402
+
+from prometheus_client import Counter  # noqa: E402
+
+from backbone.records import MotionFrames, SessionControl, VideoChunk  # noqa: E402
+from backbone.stage import BaseStage, Inbound, Outbound, RecordRejected, SessionState  # noqa: E402
+from processors.encode import EncodedPacket, H264Encoder  # noqa: E402
+
+REPLACED_FRAMES = Counter("avatar_render_replaced_frames_total",
+                          "Frames that failed to render and were replaced by the previous one",
+                          ["reason"])
+REPAIRED_LATENTS = Counter("avatar_render_repaired_latents_total",
+                           "Motion frames with NaN or out-of-range weights, clamped")
+ENCODER_RESTARTS = Counter("avatar_render_encoder_restarts_total",
+                           "Encoder failures recovered by a new encoder starting on a keyframe")
+KNOWN_PORTRAITS: Final = ("astronaut",)
+KEYFRAME_INTERVAL_S: Final = 2.0  # a new viewer waits at most this long for a picture
+
+
+class RenderStage(BaseStage):
+    """Renders and encodes in one process: raw frames never leave it, only H.264 does."""
+
+    name = "render"
+    inputs = ("session.control", "motion")
+
+    def __init__(self) -> None:
+        self.model_version = "warp-1"
+        self._renderers: dict[tuple[str, int], FaceRenderer] = {}
+
+    def start(self) -> None:
+        self.renderer("astronaut", 512)  # warm the default so the first frame is on time
+
+    def renderer(self, portrait: str, size: int) -> FaceRenderer:
+        key = (portrait, size)
+        if key not in self._renderers:
+            if portrait not in KNOWN_PORTRAITS:
+                raise RecordRejected(f"unknown portrait {portrait!r}; known: "
+                                     f"{', '.join(KNOWN_PORTRAITS)}")
+            r = FaceRenderer(size=size)
+            r.start()
+            self._renderers[key] = r
+        return self._renderers[key]
+
+    def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]:
+        from processors.tts import remember_control, session_config
+
+        value = record.value
+        if isinstance(value, SessionControl):
+            remember_control(value, state)
+            if value.action == "END":
+                state.scratch.pop("encoder", None)
+            return []
+        if not isinstance(value, MotionFrames):
+            raise RecordRejected(f"render cannot use a {type(value).__name__}")
+        if value.fps <= 0 or value.fps > 120:
+            raise RecordRejected(f"fps {value.fps} outside 1..120")
+        cfg = session_config(state)
+        size = cfg.resolution if cfg.resolution in (256, 512, 768) else 512
+        renderer = self.renderer(cfg.portrait, size)
+        next_pts = int(state.data.get("next_pts", 0))
+        keep = value.frames >= next_pts  # frames already rendered (a replay) are skipped
+        if not keep.any():
+            return []
+        frames = value.frames[keep]
+        weights = np.asarray(value.weights[keep], dtype=np.float32)
+        head = np.asarray(value.head[keep], dtype=np.float32)
+        bad = ~np.isfinite(weights).all(axis=1) | (weights < 0).any(axis=1) | (weights > 1).any(axis=1)
+        if bad.any():
+            REPAIRED_LATENTS.inc(int(bad.sum()))
+        try:
+            images = renderer.render_batch(weights, np.nan_to_num(head))
+        except Exception:
+            images = np.stack([self._one(renderer, w, h, state) for w, h in zip(weights, head)])
+        state.scratch["last_frame"] = images[-1]
+        encoder = self._encoder(state, size, value.fps)
+        out: list[Outbound] = []
+        for img, pts in zip(images, frames.tolist()):
+            for pkt in self._encode(state, encoder, img, pts, size, value.fps):
+                out.append(Outbound("video", VideoChunk(
+                    value.session_id, size, size, value.fps, pkt.pts, pkt.dts, pkt.keyframe,
+                    pkt.data, "h264", encoder.extradata if pkt.keyframe else None)))
+            encoder = state.scratch["encoder"]
+        state.data["next_pts"] = int(frames[-1]) + 1
+        if value.is_last and out:
+            last = out[-1].value
+            assert isinstance(last, VideoChunk)
+            out[-1] = Outbound("video", VideoChunk(**{**last.__dict__, "is_last": True}))
+        return out
+
+    def _one(self, renderer: FaceRenderer, w: NDArray[Any], h: NDArray[Any],
+             state: SessionState) -> NDArray[np.uint8]:
+        """One frame on its own; if even that fails, hold the previous frame."""
+        try:
+            return renderer.render(w, np.nan_to_num(h))
+        except Exception as exc:
+            REPLACED_FRAMES.labels(type(exc).__name__).inc()
+            last = state.scratch.get("last_frame")
+            if last is None:
+                last = renderer.render(np.zeros(52, np.float32), np.zeros(3, np.float32))
+            return np.asarray(last, dtype=np.uint8)
+
+    def _encoder(self, state: SessionState, size: int, fps: int) -> H264Encoder:
+        enc = state.scratch.get("encoder")
+        if enc is None or enc.width != size or enc.fps != fps:
+            enc = H264Encoder(size, size, fps, keyframe_interval=max(1, int(KEYFRAME_INTERVAL_S * fps)))
+            enc.start()
+            state.scratch["encoder"] = enc
+        return enc
+
+    def _encode(self, state: SessionState, encoder: H264Encoder, img: NDArray[np.uint8],
+                pts: int, size: int, fps: int) -> list[EncodedPacket]:
+        try:
+            return encoder.encode(img, pts)
+        except Exception:
+            # A broken encoder is replaced; the new one starts on a keyframe, so viewers
+            # recover at this frame and the session goes on.
+            ENCODER_RESTARTS.inc()
+            state.scratch.pop("encoder", None)
+            fresh = self._encoder(state, size, fps)
+            fresh.force_keyframe()
+            return fresh.encode(img, pts)
