@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 import traceback
@@ -91,7 +93,8 @@ class StageRunner:
             return
         self._codec = self._codec or AvroCodec(registry_url=self.settings.schema_registry_url)
         self.stage.start()
-        instance = self.settings.instance_id or f"{threading.get_native_id()}"
+        # Unique per process across machines and containers: transactional ids must not clash.
+        instance = self.settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.group = self.settings.group(self.name)
         txn_id = f"{self.group}-{instance}" if self.settings.exactly_once else None
         self.producer: BusProducer = self.bus.producer(transactional_id=txn_id)
@@ -105,7 +108,7 @@ class StageRunner:
             self.consumer = self.bus.consumer(self.group)
         self.consumer.subscribe([self._physical[t] for t in self.stage.inputs],
                                 on_assign=self._on_assign, on_revoke=self._on_revoke)
-        metrics.serve(self.settings.metrics_port)
+        metrics.serve(self.settings.metrics_port, self.settings.metrics_addr)
         self._started = True
         log.info("stage started", extra={"stage": self.name, "bus": self.bus.name,
                                          "inputs": list(self.stage.inputs)})

@@ -31,6 +31,7 @@ ENV_NAMES: dict[str, tuple[str, type]] = {
     "schema_registry_url": ("AVATAR_SCHEMA_REGISTRY_URL", str),
     "exactly_once": ("AVATAR_EXACTLY_ONCE", bool),
     "metrics_port": ("AVATAR_METRICS_PORT", int),
+    "metrics_addr": ("AVATAR_METRICS_ADDR", str),
     "checkpoint_interval_ms": ("AVATAR_CHECKPOINT_INTERVAL_MS", int),
     "max_record_bytes": ("AVATAR_MAX_RECORD_BYTES", int),
     "instance_id": ("AVATAR_INSTANCE_ID", str),
@@ -50,6 +51,8 @@ class Settings:
     schema_registry_url: str = ""  # set -> Confluent wire format; empty -> single-object
     exactly_once: bool = False  # Kafka transactions instead of at-least-once + dedupe
     metrics_port: int = 0  # 0: no /metrics server in this process
+    # Loopback by default; containers set 0.0.0.0 so Prometheus can scrape them.
+    metrics_addr: str = "127.0.0.1"
     # Offsets and state are checkpointed this often; a crash replays at most this much
     # (deduplicated downstream), and each checkpoint costs one producer flush.
     checkpoint_interval_ms: int = 100

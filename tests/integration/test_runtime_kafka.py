@@ -137,3 +137,24 @@ def test_broker_restart_mid_session_loses_nothing_acknowledged(settings, broker_
         assert proc.proc.poll() is None, "the stage survived the broker restart"
     finally:
         proc.terminate()
+
+
+def test_exactly_once_mode_delivers_no_duplicate_even_after_sigkill(settings, tmp_path):
+    eos = {"AVATAR_EXACTLY_ONCE": "1"}
+    procs = [StageProcess("dialogue", settings, tmp_path, f"i{k}", eos) for k in range(2)]
+    try:
+        wait_for_members(settings, 2)
+        expected: dict[str, list[str]] = {}
+        sender = threading.Thread(target=lambda: expected.update(
+            produce_transcripts(settings, sessions=6, per_session=40, pause_s=0.05)))
+        sender.start()
+        time.sleep(1.0)
+        procs[0].kill()
+        sender.join()
+        out = collect(settings, "reply", expect=6 * 40, timeout_s=120)
+        # read_committed, no dedupe: transactions alone keep each reply exactly once.
+        assert texts_by_session(out) == expected
+        assert len(out) == 6 * 40
+    finally:
+        for p in procs:
+            p.terminate()

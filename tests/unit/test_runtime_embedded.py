@@ -76,3 +76,27 @@ def test_oversized_record_is_dead_lettered(settings):
     run(small)
     dead = [decode(m, "dead_letter") for m in read_all(bus, small, "deadletter")]
     assert [d.category for d in dead] == ["oversized"]
+
+
+def test_records_after_session_end_are_dead_lettered(settings):
+    from backbone.records import SessionControl
+    bus = settings.open_bus()
+    send(bus, settings, "session.control", SessionControl("s1", "END"), seq=0)
+    send(bus, settings, "transcript", Transcript("s1", "too late"), seq=0)
+    run(settings)
+    assert read_all(bus, settings, "reply") == []
+    dead = [decode(m, "dead_letter") for m in read_all(bus, settings, "deadletter")]
+    assert [d.category for d in dead] == ["unknown_session"]
+
+
+def test_a_record_of_the_wrong_type_is_a_schema_mismatch(settings):
+    from backbone.records import ReplyText
+    from tests.support.bus_io import CODEC
+    bus = settings.open_bus()
+    wrong = CODEC.encode(ReplyText("s1", "u", "I am a reply, not a transcript"))
+    bus.producer().produce(settings.topic("transcript"), b"s1", wrong, ())
+    send(bus, settings, "transcript", Transcript("s1", "fine"), seq=0)
+    run(settings)
+    assert [decode(m, "reply_text").text for m in read_all(bus, settings, "reply")] == ["fine"]
+    dead = [decode(m, "dead_letter") for m in read_all(bus, settings, "deadletter")]
+    assert [d.category for d in dead] == ["schema_mismatch"]
