@@ -95,6 +95,11 @@ def test_sigkilled_instance_is_replaced_and_nothing_is_lost_or_doubled(settings,
         kept = list(dedupe(out))
         assert texts_by_session(kept) == expected  # every record once, in order
         assert len(kept) == 8 * 60
+        # The utterance counter lives in per-session state: it moved with the partitions.
+        ids = defaultdict(list)
+        for m in kept:
+            ids[m.key].append(CODEC.decode(m.value, "reply_text").utterance_id)
+        assert all(v == [f"u{i}" for i in range(60)] for v in ids.values())
     finally:
         for p in procs:
             p.terminate()
@@ -158,3 +163,19 @@ def test_exactly_once_mode_delivers_no_duplicate_even_after_sigkill(settings, tm
     finally:
         for p in procs:
             p.terminate()
+
+
+def test_sigterm_commits_what_was_processed_and_exits_cleanly(settings, tmp_path):
+    proc = StageProcess("dialogue", settings, tmp_path, "i0")
+    expected = produce_transcripts(settings, sessions=4, per_session=10)
+    collect(settings, "reply", expect=40)
+    assert proc.terminate() == 0
+    # A successor starts exactly where the first one stopped: it re-emits nothing.
+    successor = StageProcess("dialogue", settings, tmp_path, "i1")
+    try:
+        more = produce_transcripts(settings, sessions=4, per_session=1, start=10)
+        out = collect(settings, "reply", expect=44)
+        assert len(out) == 44  # raw count, before any dedupe
+        assert texts_by_session(out) == {k: expected[k] + more[k] for k in expected}
+    finally:
+        successor.terminate()
