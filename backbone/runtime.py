@@ -124,7 +124,9 @@ class StageRunner:
             while not stop.is_set():
                 handled = self.step(0.05)
                 now = time.monotonic()
-                if handled:
+                if handled or (idle_exit_s is not None and not self.consumer.assignment()):
+                    # Idle time counts only once partitions are assigned: a Kafka group
+                    # join can take seconds, and nothing can arrive before it.
                     last_record = now
                 elif idle_exit_s is not None and now - last_record >= idle_exit_s \
                         and self._pending is None:
