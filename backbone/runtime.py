@@ -384,8 +384,16 @@ class StageRunner:
     def _commit(self, offsets: dict[tuple[str, int], int], asynchronous: bool = False) -> None:
         todo = {k: v for k, v in offsets.items() if self._committed.get(k) != v}
         if todo:
-            self.consumer.commit([TopicPartition(t, p, o) for (t, p), o in todo.items()],
-                                 asynchronous=asynchronous)
+            try:
+                self.consumer.commit([TopicPartition(t, p, o) for (t, p), o in todo.items()],
+                                     asynchronous=asynchronous)
+            except BusError as exc:
+                if exc.fatal:
+                    raise
+                # Lost group membership (broker restart, rebalance): the offsets stay
+                # uncommitted, the records replay to the next owner and are deduplicated.
+                log.warning("commit failed", extra={"stage": self.name, "error": str(exc)})
+                return
             self._committed.update(todo)
 
     def checkpoint_now(self) -> None:

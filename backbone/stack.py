@@ -69,5 +69,5 @@ def down(run_dir: Path, stop_broker: bool = True, timeout_s: float = 20.0) -> No
         print(f"{name}: stopped")
     pid_file.unlink(missing_ok=True)
     if stop_broker:
-        broker.stop(broker.BrokerSettings.from_env())
-        print("broker: stopped")
+        stopped = broker.stop(broker.BrokerSettings.from_env())
+        print("broker: stopped" if stopped else "broker: was not running (AVATAR_KAFKA_HOME?)")

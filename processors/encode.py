@@ -19,6 +19,7 @@ from typing import Final, Sequence
 import av
 import numpy as np
 from av.video.frame import PictureType
+from av.video.reformatter import VideoReformatter
 from numpy.typing import NDArray
 
 X264_CRF: Final = 23  # x264's default quality; ~12 KB/frame on a 512 px face
@@ -104,6 +105,9 @@ class H264Encoder:
         self._ctx: av.VideoCodecContext | None = None
         self._force = False
         self._extradata: bytes | None = None
+        # Kept for the encoder's life: ``VideoFrame.reformat`` builds a new swscale context
+        # per call, which costs more than the RGB -> YUV conversion itself (~1.3 ms at 512).
+        self._reformatter = VideoReformatter()
 
     @property
     def extradata(self) -> bytes | None:
@@ -152,7 +156,7 @@ class H264Encoder:
             raise ValueError(f"expected uint8 ({self.height}, {self.width}, 3), got "
                              f"{frame_rgb.dtype} {frame_rgb.shape}")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_rgb), format="rgb24")
-        frame = frame.reformat(format="yuv420p")
+        frame = self._reformatter.reformat(frame, format="yuv420p")
         frame.pts = pts
         frame.time_base = fractions.Fraction(1, self.fps)
         if self._force:

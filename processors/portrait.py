@@ -22,6 +22,8 @@ Conventions every field follows, so the renderer can stay a dumb linear combiner
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Final
@@ -241,6 +243,46 @@ def default_pack(size: int = DEFAULT_SIZE) -> PortraitPack:
     except OSError as exc:  # a read-only install still renders, it just rebuilds next time
         warnings.warn(f"could not write {DEFAULT_PACK_PATH}: {exc}", stacklevel=2)
     return pack.resized(size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Named portraits: the shipped default, and packs added with `avatar portrait add`
+
+DEFAULT_PORTRAIT: Final = "astronaut"
+PORTRAIT_DIR_ENV: Final = "AVATAR_PORTRAIT_DIR"
+DEFAULT_PORTRAIT_DIR: Final = "avatar-data/portraits"
+# A name becomes a file name: no separators, no dot-dot, nothing a shell would mangle.
+PORTRAIT_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def portrait_dir() -> Path:
+    """Where added portrait packs live (``$AVATAR_PORTRAIT_DIR``, read on every call)."""
+    return Path(os.environ.get(PORTRAIT_DIR_ENV) or DEFAULT_PORTRAIT_DIR)
+
+
+def check_portrait_name(name: str) -> str:
+    if not PORTRAIT_NAME.fullmatch(name):
+        raise PortraitError(f"portrait name {name!r} must be 1-64 letters, digits, '_' or '-', "
+                            "starting with a letter or digit")
+    return name
+
+
+def portrait_path(name: str) -> Path | None:
+    """The pack file of an added portrait, or None if there is none by that name.
+
+    The default portrait has no entry here: it ships inside the package (``default_pack``).
+    """
+    if not PORTRAIT_NAME.fullmatch(name):
+        return None
+    path = portrait_dir() / f"{name}.npz"
+    return path if path.is_file() else None
+
+
+def portrait_names() -> list[str]:
+    """The default portrait, then every added one, sorted."""
+    found = sorted(p.stem for p in portrait_dir().glob("*.npz")
+                   if PORTRAIT_NAME.fullmatch(p.stem) and p.stem != DEFAULT_PORTRAIT)
+    return [DEFAULT_PORTRAIT, *found]
 
 
 # ---------------------------------------------------------------------------------------------

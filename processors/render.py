@@ -517,6 +517,8 @@ from prometheus_client import Counter  # noqa: E402
 from backbone.records import MotionFrames, SessionControl, VideoChunk  # noqa: E402
 from backbone.stage import BaseStage, Inbound, Outbound, RecordRejected, SessionState  # noqa: E402
 from processors.encode import EncodedPacket, H264Encoder  # noqa: E402
+from processors.portrait import (DEFAULT_PORTRAIT, PortraitError, portrait_names,  # noqa: E402
+                                 portrait_path)
 
 REPLACED_FRAMES = Counter("avatar_render_replaced_frames_total",
                           "Frames that failed to render and were replaced by the previous one",
@@ -525,12 +527,19 @@ REPAIRED_LATENTS = Counter("avatar_render_repaired_latents_total",
                            "Motion frames with NaN or out-of-range weights, clamped")
 ENCODER_RESTARTS = Counter("avatar_render_encoder_restarts_total",
                            "Encoder failures recovered by a new encoder starting on a keyframe")
-KNOWN_PORTRAITS: Final = ("astronaut",)
 KEYFRAME_INTERVAL_S: Final = 2.0  # a new viewer waits at most this long for a picture
+RESOLUTIONS: Final = (256, 512, 768)
+MAX_FPS: Final = 120
 
 
 class RenderStage(BaseStage):
-    """Renders and encodes in one process: raw frames never leave it, only H.264 does."""
+    """Renders and encodes in one process: raw frames never leave it, only H.264 does.
+
+    Failures stay inside one frame: bad latents are clamped (REPAIRED_LATENTS), a frame the
+    renderer cannot draw is replaced by the previous one (REPLACED_FRAMES), and a broken
+    encoder is replaced by a new one starting on a keyframe (ENCODER_RESTARTS). Input that
+    can never render (unknown portrait, impossible fps or shapes) is rejected, i.e. dead-lettered.
+    """
 
     name = "render"
     inputs = ("session.control", "motion")
@@ -540,16 +549,24 @@ class RenderStage(BaseStage):
         self._renderers: dict[tuple[str, int], FaceRenderer] = {}
 
     def start(self) -> None:
-        self.renderer("astronaut", 512)  # warm the default so the first frame is on time
+        self.renderer(DEFAULT_PORTRAIT, 512)  # warm the default so the first frame is on time
 
     def renderer(self, portrait: str, size: int) -> FaceRenderer:
+        """The renderer of a portrait name: the shipped default, or an added pack."""
         key = (portrait, size)
         if key not in self._renderers:
-            if portrait not in KNOWN_PORTRAITS:
-                raise RecordRejected(f"unknown portrait {portrait!r}; known: "
-                                     f"{', '.join(KNOWN_PORTRAITS)}")
-            r = FaceRenderer(size=size)
-            r.start()
+            if portrait == DEFAULT_PORTRAIT:
+                r = FaceRenderer(size=size)
+            else:
+                path = portrait_path(portrait)
+                if path is None:
+                    known = ", ".join(portrait_names())
+                    raise RecordRejected(f"unknown portrait {portrait!r}; known: {known}")
+                r = FaceRenderer(size=size, pack_path=path)
+            try:
+                r.start()
+            except (PortraitError, OSError, KeyError, ValueError) as exc:
+                raise RecordRejected(f"portrait {portrait!r} cannot be loaded: {exc}") from exc
             self._renderers[key] = r
         return self._renderers[key]
 
@@ -564,10 +581,14 @@ class RenderStage(BaseStage):
             return []
         if not isinstance(value, MotionFrames):
             raise RecordRejected(f"render cannot use a {type(value).__name__}")
-        if value.fps <= 0 or value.fps > 120:
-            raise RecordRejected(f"fps {value.fps} outside 1..120")
+        if value.fps <= 0 or value.fps > MAX_FPS:
+            raise RecordRejected(f"fps {value.fps} outside 1..{MAX_FPS}")
+        n = len(value.frames)
+        if np.shape(value.weights) != (n, len(BLENDSHAPES)) or np.shape(value.head) != (n, 3):
+            raise RecordRejected(f"motion shapes do not match {n} frames: weights "
+                                 f"{np.shape(value.weights)}, head {np.shape(value.head)}")
         cfg = session_config(state)
-        size = cfg.resolution if cfg.resolution in (256, 512, 768) else 512
+        size = cfg.resolution if cfg.resolution in RESOLUTIONS else 512
         renderer = self.renderer(cfg.portrait, size)
         next_pts = int(state.data.get("next_pts", 0))
         keep = value.frames >= next_pts  # frames already rendered (a replay) are skipped
@@ -576,12 +597,16 @@ class RenderStage(BaseStage):
         frames = value.frames[keep]
         weights = np.asarray(value.weights[keep], dtype=np.float32)
         head = np.asarray(value.head[keep], dtype=np.float32)
-        bad = ~np.isfinite(weights).all(axis=1) | (weights < 0).any(axis=1) | (weights > 1).any(axis=1)
+        bad = (~np.isfinite(weights).all(axis=1) | (weights < 0).any(axis=1)
+               | (weights > 1).any(axis=1) | ~np.isfinite(head).all(axis=1))
         if bad.any():
             REPAIRED_LATENTS.inc(int(bad.sum()))
+        # Non-finite head angles mean "no rotation" (render_batch clamps the finite ones).
+        head = np.nan_to_num(head, nan=0.0, posinf=0.0, neginf=0.0)
         try:
-            images = renderer.render_batch(weights, np.nan_to_num(head))
+            images = renderer.render_batch(weights, head)
         except Exception:
+            # One frame at a time, so only the frames that really fail are replaced.
             images = np.stack([self._one(renderer, w, h, state) for w, h in zip(weights, head)])
         state.scratch["last_frame"] = images[-1]
         encoder = self._encoder(state, size, value.fps)
@@ -603,13 +628,16 @@ class RenderStage(BaseStage):
              state: SessionState) -> NDArray[np.uint8]:
         """One frame on its own; if even that fails, hold the previous frame."""
         try:
-            return renderer.render(w, np.nan_to_num(h))
+            frame = renderer.render(w, h)
         except Exception as exc:
             REPLACED_FRAMES.labels(type(exc).__name__).inc()
             last = state.scratch.get("last_frame")
-            if last is None:
-                last = renderer.render(np.zeros(52, np.float32), np.zeros(3, np.float32))
-            return np.asarray(last, dtype=np.uint8)
+            if last is None or last.shape != (renderer.size, renderer.size, 3):
+                # Nothing shown yet: the still portrait (not a render, which may fail too).
+                last = renderer.pack.image
+            return np.array(last, dtype=np.uint8)
+        state.scratch["last_frame"] = frame
+        return frame
 
     def _encoder(self, state: SessionState, size: int, fps: int) -> H264Encoder:
         enc = state.scratch.get("encoder")
