@@ -72,6 +72,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_portrait(args: argparse.Namespace) -> int:
+    from processors.portrait import (DEFAULT_PORTRAIT, PortraitError, build_pack,
+                                     check_portrait_name, portrait_dir, portrait_names,
+                                     portrait_path)
+
+    if args.action == "list":
+        for name in portrait_names():
+            path = portrait_path(name)
+            print(f"{name}\t{path if path is not None else '(shipped)'}")
+        return 0
+    photo_path = Path(args.photo)
+    name = check_portrait_name(args.name or photo_path.stem)
+    if name == DEFAULT_PORTRAIT:
+        raise PortraitError(f"{name!r} is the shipped portrait; choose another --name")
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(photo_path) as img:
+            photo = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise PortraitError(f"cannot read {photo_path} as an image: {exc}") from exc
+    try:
+        pack = build_pack(photo, name=name)
+    except PortraitError as exc:
+        raise PortraitError(f"{photo_path}: {exc}") from exc
+    out = portrait_dir() / f"{name}.npz"
+    pack.save(out)
+    print(out)
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from backbone.stack import up
 
@@ -114,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resolution", type=int, default=512, choices=[256, 512, 768])
     d.add_argument("--voice", default="en-us")
     d.set_defaults(fn=_cmd_demo)
+
+    pt = sub.add_parser("portrait", help="add or list portraits (packs in $AVATAR_PORTRAIT_DIR)")
+    pt_sub = pt.add_subparsers(dest="action", required=True)
+    pa = pt_sub.add_parser("add", help="build a portrait pack from a photo of one face")
+    pa.add_argument("photo", help="PNG/JPEG with one face, at least ~100 px across")
+    pa.add_argument("--name", default="", help="portrait name (default: the file's stem)")
+    pt_sub.add_parser("list", help="the shipped portrait and every added one")
+    pt.set_defaults(fn=_cmd_portrait)
 
     u = sub.add_parser("up", help="broker, topics and every stage as its own process")
     u.add_argument("--run-dir", default="avatar-data/run")
