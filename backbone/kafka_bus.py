@@ -18,7 +18,10 @@ from backbone.bus import (AssignCallback, BusConsumer, BusError, DeliveryCallbac
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,  # broker dedupes retried sends: no duplicates from retries
     "acks": "all",
-    "linger.ms": 1,  # librdkafka waits 5 ms by default to batch; real-time hops cannot
+    # librdkafka waits 5 ms by default to batch. Measured here (produce -> consume, 250/s):
+    # p50 0.63 ms at 0, 1.7 ms at 1, 2.7 ms at 2, 5.9 ms at 5; under load it still batches
+    # whatever queues while a request is in flight.
+    "linger.ms": 0,
     "partitioner": "murmur2_random",  # same partition as the Java client and the embedded bus
     "compression.type": "none",  # payloads are PCM, Avro floats and H.264: little to gain
     "delivery.timeout.ms": 30000,  # a record not delivered in 30 s fails loudly

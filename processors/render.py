@@ -542,7 +542,7 @@ class RenderStage(BaseStage):
     """
 
     name = "render"
-    inputs = ("session.control", "motion")
+    inputs: tuple[str, ...] = ("session.control", "motion")
 
     def __init__(self) -> None:
         self.model_version = "warp-1"
@@ -642,7 +642,8 @@ class RenderStage(BaseStage):
     def _encoder(self, state: SessionState, size: int, fps: int) -> H264Encoder:
         enc = state.scratch.get("encoder")
         if enc is None or enc.width != size or enc.fps != fps:
-            enc = H264Encoder(size, size, fps, keyframe_interval=max(1, int(KEYFRAME_INTERVAL_S * fps)))
+            enc = H264Encoder(size, size, fps,
+                              keyframe_interval=max(1, int(KEYFRAME_INTERVAL_S * fps)))
             enc.start()
             state.scratch["encoder"] = enc
         return enc

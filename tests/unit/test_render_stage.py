@@ -62,9 +62,9 @@ def decode(packets: list[VideoChunk]) -> list[np.ndarray]:
     ctx = av.CodecContext.create("h264", "r")
     frames = []
     for p in packets:
-        for f in ctx.decode(av.Packet(p.data)):  # type: ignore[attr-defined]
+        for f in ctx.decode(av.Packet(p.data)):
             frames.append(f.to_ndarray(format="rgb24"))
-    for f in ctx.decode(None):  # type: ignore[attr-defined]
+    for f in ctx.decode(None):
         frames.append(f.to_ndarray(format="rgb24"))
     return frames
 
@@ -126,7 +126,8 @@ def test_a_renderer_failure_holds_the_previous_frame_and_the_stream_goes_on(
         calls["render"] += 1
         if calls["render"] == 1:
             raise RuntimeError("frame exploded")
-        return batch(renderer, w[None], h[None])[0]
+        frame: np.ndarray = batch(renderer, w[None], h[None])[0]
+        return frame
 
     monkeypatch.setattr(renderer, "render_batch", broken_batch)
     monkeypatch.setattr(renderer, "render", flaky_render)
