@@ -5,10 +5,8 @@ import argparse
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Sequence
 

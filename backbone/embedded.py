@@ -55,6 +55,9 @@ class EmbeddedBus:
     def __init__(self, path: str | Path) -> None:
         self.path = str(Path(path).expanduser())
         self._local = threading.local()
+        # Partition counts never change once a topic exists; cached so a produce is one
+        # write instead of a read and a write.
+        self._partitions: dict[str, int] = {}
 
     def connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -79,12 +82,15 @@ class EmbeddedBus:
             cond.wait(min(timeout_s, POLL_INTERVAL_S) if timeout_s > 0 else 0)
 
     def partitions(self, topic: str) -> int:
+        if topic in self._partitions:
+            return self._partitions[topic]
         row = self.connect().execute("SELECT partitions FROM topics WHERE name=?",
                                      (topic,)).fetchone()
         if row is None:
             raise BusError(f"unknown topic {topic!r} (topics are provisioned, not auto-created)",
                            retriable=False, fatal=False)
-        return int(row[0])
+        self._partitions[topic] = int(row[0])
+        return self._partitions[topic]
 
     def append(self, conn: sqlite3.Connection, topic: str, key: bytes | None,
                value: bytes | None, headers: Headers) -> Message:

@@ -3,6 +3,7 @@ idempotent settings the runtime relies on. Constructors do no I/O; clients conne
 """
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any, Callable, Iterator, Sequence
 
@@ -273,7 +274,6 @@ class KafkaAdmin:
             if max(start, lo) >= stop:
                 return
             c.assign([KTP(topic, partition, max(start, lo))])
-            import time
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 m = c.poll(0.2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from backbone.records import RecordValue
+from backbone.records import RecordValue, SessionConfig, SessionControl
 
 
 class RecordRejected(ValueError):
@@ -97,3 +97,21 @@ class BaseStage:
 
     def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]:
         raise NotImplementedError
+
+
+def session_config(state: SessionState) -> SessionConfig:
+    raw = state.data.get("config")
+    return SessionConfig.from_avro(raw) if raw else SessionConfig()
+
+
+def remember_control(value: SessionControl, state: SessionState) -> None:
+    """Keep the session config and live emotion in state (shared by tts, animate, render)."""
+    if value.action == "CREATE" and value.config is not None:
+        state.data["config"] = value.config.to_avro()
+    elif value.action == "EMOTION":
+        cfg = session_config(state).to_avro()
+        if value.emotion is not None:
+            cfg["emotion"] = value.emotion
+        if value.intensity is not None:
+            cfg["intensity"] = float(value.intensity)
+        state.data["config"] = cfg

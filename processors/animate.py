@@ -10,9 +10,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from backbone.records import MotionFrames, PhonemeSpans, SessionControl
-from backbone.stage import BaseStage, Inbound, Outbound, RecordRejected, SessionState
+from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
+                            remember_control, session_config)
 from processors.motion_procedural import procedural_motion
-from processors.tts import remember_control, session_config
 
 CHUNK_S = 0.08  # motion records of 80 ms: 2 frames at 25 fps, 8 at 100 fps
 TAIL_S = 0.4  # after the last phoneme, let the mouth settle back to rest

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
+from prometheus_client import Counter
 
 from backbone.blendshapes import BLENDSHAPES, INDEX
-from processors.portrait import (LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitPack, default_pack,
+from backbone.records import MotionFrames, SessionControl, VideoChunk
+from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
+                            remember_control, session_config)
+from processors.encode import EncodedPacket, H264Encoder
+from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
+                                 PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
 
 MAX_HEAD_RAD: Final = 0.35  # the warp is a small-angle model; past ~20 degrees it smears
@@ -510,16 +516,6 @@ def _sample_texture(tex: Tensor, u: NDArray[np.float64], rows: NDArray[np.float6
 
 # ---- the render stage: motion -> rendered frames -> H.264 -> video topic ----------------
 
-from typing import Any, Iterable  # noqa: E402
-
-from prometheus_client import Counter  # noqa: E402
-
-from backbone.records import MotionFrames, SessionControl, VideoChunk  # noqa: E402
-from backbone.stage import BaseStage, Inbound, Outbound, RecordRejected, SessionState  # noqa: E402
-from processors.encode import EncodedPacket, H264Encoder  # noqa: E402
-from processors.portrait import (DEFAULT_PORTRAIT, PortraitError, portrait_names,  # noqa: E402
-                                 portrait_path)
-
 REPLACED_FRAMES = Counter("avatar_render_replaced_frames_total",
                           "Frames that failed to render and were replaced by the previous one",
                           ["reason"])
@@ -571,8 +567,6 @@ class RenderStage(BaseStage):
         return self._renderers[key]
 
     def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]:
-        from processors.tts import remember_control, session_config
-
         value = record.value
         if isinstance(value, SessionControl):
             remember_control(value, state)

@@ -7,31 +7,13 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from backbone.records import (PhonemeSpan, PhonemeSpans, ReplyText, SessionConfig,
-                              SessionControl, SpeechChunk)
-from backbone.stage import BaseStage, Inbound, Outbound, RecordRejected, SessionState
+from backbone.records import PhonemeSpan, PhonemeSpans, ReplyText, SessionControl, SpeechChunk
+from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
+                            remember_control, session_config)
 from processors.espeak import EspeakSynth, SpeechError
 
 CHUNK_S = 0.1  # 100 ms audio records: small enough to stream, few enough to log cheaply
 MAX_TEXT_CHARS = 20_000
-
-
-def session_config(state: SessionState) -> SessionConfig:
-    raw = state.data.get("config")
-    return SessionConfig.from_avro(raw) if raw else SessionConfig()
-
-
-def remember_control(value: SessionControl, state: SessionState) -> None:
-    """Keep the session config and live emotion in state (shared by tts, animate, render)."""
-    if value.action == "CREATE" and value.config is not None:
-        state.data["config"] = value.config.to_avro()
-    elif value.action == "EMOTION":
-        cfg = session_config(state).to_avro()
-        if value.emotion is not None:
-            cfg["emotion"] = value.emotion
-        if value.intensity is not None:
-            cfg["intensity"] = float(value.intensity)
-        state.data["config"] = cfg
 
 
 class TtsStage(BaseStage):
@@ -44,8 +26,7 @@ class TtsStage(BaseStage):
 
     def start(self) -> None:
         self.synth.start()
-        self.model_version = f"espeak-ng-{self.synth.version()}" if hasattr(
-            self.synth, "version") else "espeak-ng"
+        self.model_version = f"espeak-ng-{self.synth.version()}"
 
     def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]:
         value = record.value
