@@ -43,7 +43,8 @@ def run_demo(text: str, output: Path, bus: str = "embedded", data_dir: Path = Pa
     from processors.encode import EncodedPacket, write_mp4
     from replay.reader import read_session, session_audio, session_video
 
-    overrides: dict[str, object] = {"bus": bus}
+    # Offline: no real-time pacing; the stages run one after another as fast as they can.
+    overrides: dict[str, object] = {"bus": bus, "live": False}
     if bus == "embedded":
         overrides["embedded_path"] = str(data_dir / "bus.sqlite")
     settings = Settings.from_env(**overrides)

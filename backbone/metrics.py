@@ -27,6 +27,9 @@ SESSIONS = Gauge("avatar_stage_sessions", "Sessions with state in this process",
 RESTORED = Counter("avatar_stage_state_restored_total",
                    "Session states restored from the changelog after an assignment", ["stage"])
 
+TICK_ERRORS = Counter("avatar_stage_tick_errors_total",
+                      "Errors raised by a stage's clock tick (the session goes on)", ["stage"])
+
 _started: set[int] = set()
 
 

@@ -180,6 +180,7 @@ class PhonemeSpans:
     spans: tuple[PhonemeSpan, ...]
     is_last: bool = False
     source: str = "tts"
+    cut_sample: int = -1  # an interrupt stopped speech here; later spans were never heard
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -187,7 +188,7 @@ class PhonemeSpans:
             "sample_rate": self.sample_rate,
             "spans": [{"phoneme": s.phoneme, "start_sample": s.start_sample,
                        "end_sample": s.end_sample} for s in self.spans],
-            "is_last": self.is_last, "source": self.source,
+            "is_last": self.is_last, "source": self.source, "cut_sample": self.cut_sample,
         }
 
     @classmethod
@@ -195,7 +196,7 @@ class PhonemeSpans:
         spans = tuple(PhonemeSpan(s["phoneme"], s["start_sample"], s["end_sample"])
                       for s in d["spans"])
         return cls(d["session_id"], d["utterance_id"], d["sample_rate"], spans,
-                   d["is_last"], d["source"])
+                   d["is_last"], d["source"], d.get("cut_sample", -1))
 
 
 @dataclass(frozen=True, eq=False)

@@ -79,6 +79,11 @@ class StageRunner:
         self._started = False
         self._lag_due = 0.0
         self.processed = 0
+        # Live stages with a clock (tts pacing, animate idle frames) get `tick` calls.
+        self._ticks = settings.live and callable(getattr(stage, "tick", None))
+        if hasattr(stage, "live"):
+            stage.live = settings.live
+        self._tick_due = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -140,9 +145,15 @@ class StageRunner:
         """Handle at most one record; drive delivery reports and checkpoints."""
         if self._failure is not None:
             raise StageFailed(str(self._failure)) from self._failure
+        if self._ticks:
+            timeout_s = max(0.0, min(timeout_s, self._tick_due - time.monotonic()))
         msg = self.consumer.poll(timeout_s)
         if msg is not None:
             self._handle(msg)
+        elif self._ticks and time.monotonic() >= self._tick_due:
+            # Only when caught up: a stage catching up on a backlog must see the records
+            # before its clock moves on without them (idle frames past unread speech).
+            self._tick()
         self.producer.poll(0)
         self._drive_checkpoint()
         if self.bus.name != "kafka" and time.monotonic() >= self._lag_due:
@@ -210,21 +221,44 @@ class StageRunner:
                           hdr.traceparent, hdr.stage, hdr.model_version, msg.offset)
         t0 = time.perf_counter()
         try:
-            outputs = list(self.stage.process(inbound, state))
+            # Each output is produced as soon as the stage yields it, so a generator stage
+            # (a streamed LLM reply) hands its first sentence on before it has the last.
+            for out in self.stage.process(inbound, state):
+                self._emit(out, session, state, inbound)
+        except StageFailed:
+            raise
         except RecordRejected as exc:
             self._dead_letter(msg, hdr, exc.category, str(exc))
-            outputs = []
         except Exception as exc:  # a stage bug must not kill the session: dead-letter it
             log.error("stage error", extra={"stage": self.name, "session": session,
                                             "error": traceback.format_exc(limit=5)})
             self._dead_letter(msg, hdr, "stage_error", f"{type(exc).__name__}: {exc}")
-            outputs = []
         metrics.PROCESS_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
-        for out in outputs:
-            self._emit(out, session, state, inbound)
         if isinstance(value, SessionControl) and value.action == "END":
             state.ended = True
         self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
+
+    def _tick(self) -> None:
+        self._tick_due = time.monotonic() + self.settings.tick_ms / 1000
+        wall = now_ms()
+        tick = getattr(self.stage, "tick")
+        for session, state in list(self.states.items()):
+            if state.ended:
+                continue
+            cause = Inbound("tick", session, SessionControl(session, "CREATE"), -1, 0)
+            try:
+                outputs = tick(state, wall)
+                if not outputs:
+                    continue
+                for out in outputs:
+                    self._emit(out, session, state, cause)
+            except StageFailed:
+                raise
+            except Exception:  # one session's clock must not stop the others
+                log.error("stage tick error", extra={"stage": self.name, "session": session,
+                                                     "error": traceback.format_exc(limit=5)})
+                metrics.TICK_ERRORS.labels(self.name).inc()
+            self._dirty.add(session)
 
     def _mark_applied(self, state: SessionState, tp_key: str, msg: Message, dedupe_key: str,
                       hdr: RecordHeaders) -> None:
@@ -239,17 +273,19 @@ class StageRunner:
             raise StageFailed(f"stage {self.name} emitted to unknown topic {out.topic!r}")
         seq = state.next_seq.get(out.topic, 0)
         state.next_seq[out.topic] = seq + 1
+        # A stage may name the output's own origin (a paced chunk is due at its own time).
+        event_time = out.event_time_ms if out.event_time_ms is not None else cause.event_time_ms
+        parent = out.traceparent or cause.traceparent
         headers = RecordHeaders(
-            session, seq,
-            child_traceparent(cause.traceparent) if cause.traceparent else new_traceparent(),
-            cause.event_time_ms, self.name, self.stage.model_version, out.value.SCHEMA).encode()
+            session, seq, child_traceparent(parent) if parent else new_traceparent(),
+            event_time, self.name, self.stage.model_version, out.value.SCHEMA).encode()
         assert self._codec is not None
         payload = self._codec.encode(out.value, topic)
         self._produce(topic, session.encode(), payload, headers)
         metrics.RECORDS_OUT.labels(self.name, out.topic).inc()
-        if cause.event_time_ms:
+        if event_time:
             metrics.E2E_LATENCY.labels(self.name).observe(
-                max(0.0, (now_ms() - cause.event_time_ms) / 1000.0))
+                max(0.0, (now_ms() - event_time) / 1000.0))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes,
                  headers: tuple[tuple[str, bytes], ...]) -> None:

@@ -36,6 +36,8 @@ ENV_NAMES: dict[str, tuple[str, type]] = {
     "max_record_bytes": ("AVATAR_MAX_RECORD_BYTES", int),
     "instance_id": ("AVATAR_INSTANCE_ID", str),
     "group_prefix": ("AVATAR_GROUP_PREFIX", str),
+    "live": ("AVATAR_LIVE", bool),
+    "tick_ms": ("AVATAR_TICK_MS", int),
 }
 
 
@@ -61,6 +63,12 @@ class Settings:
     max_record_bytes: int = 1_000_000
     instance_id: str = ""
     group_prefix: str = "avatar-"
+    # Live: speech is paced in real time and idle faces keep moving (stage clocks tick).
+    # Off for offline runs (the demo to an MP4, re-rendering), where records are processed
+    # as fast as possible and gaps between utterances are filled from the media clock.
+    live: bool = True
+    # 20 ms: half a 40 ms motion chunk, so paced output is at most that late.
+    tick_ms: int = 20
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

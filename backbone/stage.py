@@ -39,6 +39,10 @@ class Outbound:
 
     topic: str
     value: RecordValue
+    # Defaults come from the record that caused it; a paced output (an audio chunk due
+    # later) names its own event time so latency measures how late it is against schedule.
+    event_time_ms: int | None = None
+    traceparent: str = ""
 
 
 @dataclass
@@ -78,6 +82,17 @@ class Stage(Protocol):
     def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]: ...
 
     def stop(self) -> None: ...
+
+
+class ClockedStage(Stage, Protocol):
+    """A stage with a clock: the runtime also calls `tick(state, now_ms)` for every live
+    session about every `Settings.tick_ms` while it is caught up on its inputs (live mode
+    only), e.g. to pace speech in real time or to keep an idle face moving. The runtime sets
+    `live` from `Settings.live`; off, the stage works offline (no pacing, no ticks)."""
+
+    live: bool
+
+    def tick(self, state: SessionState, now_ms: int) -> Iterable[Outbound]: ...
 
 
 class BaseStage:

@@ -1,22 +1,36 @@
 """animate stage: phoneme spans -> motion frames (52 ARKit blendshapes + head pose) at the
 session frame rate, on the session media clock, in short chunks.
 
-The motion is deterministic for a session seed, so a replay reproduces it bit for bit.
+The motion is deterministic for a session seed, so a replay reproduces it bit for bit. Live,
+the stage's clock keeps an idle face moving (blinks, breath, gaze) between utterances.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
+import numpy.typing as npt
 
-from backbone.records import MotionFrames, PhonemeSpans, SessionControl
+from backbone.records import EMOTIONS, MotionFrames, PhonemeSpans, SessionControl
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
-from processors.motion_procedural import procedural_motion
+from backbone.tracing import now_ms
+from processors.motion_procedural import LOOKAHEAD_S, procedural_motion
+from processors.tts import PHONEME_LEAD_S
+
+F32 = npt.NDArray[np.float32]
 
 CHUNK_S = 0.08  # motion records of 80 ms: 2 frames at 25 fps, 8 at 100 fps
-TAIL_S = 0.4  # after the last phoneme, let the mouth settle back to rest
+TAIL_S = 0.4  # offline, after the last phoneme: let the mouth settle back to rest
 KEEP_SPANS_S = 1.0  # spans kept in state for coarticulation across utterance boundaries
+# Live idle frames trail the media clock by this much, so speech that tts places "now"
+# always lands after the last idle frame (tts -> animate takes a few ms plus one tick).
+IDLE_LAG_S = 0.08
+# Speech whose next phonemes have not come for this long is over (a tts instance died
+# mid-utterance): the face goes idle rather than freezing.
+STALE_SPEECH_S = 2.0
+MAX_CATCH_UP_S = 2.0  # after an outage, idle frames resume at the clock instead of back-filling
+EMOTION_RAMP_S = 0.3  # an emotion change blends over this long; a step reads as a glitch
 
 
 def _valid_spans(value: PhonemeSpans) -> list[tuple[str, int, int]]:
@@ -34,44 +48,128 @@ def _valid_spans(value: PhonemeSpans) -> list[tuple[str, int, int]]:
     return spans
 
 
+def _cut(spans: list[tuple[str, int, int]], at: int) -> list[tuple[str, int, int]]:
+    """Spans as heard when speech stopped at sample `at`."""
+    return [(p, a, min(b, at)) for p, a, b in spans if a < at]
+
+
 class AnimateStage(BaseStage):
     name = "animate"
     model_version = "procedural-1"
     inputs = ("session.control", "speech.phonemes")
+    live = False  # set by the runtime from Settings.live
+    lookahead_s = LOOKAHEAD_S  # phonemes needed past a frame before it can be final
+
+    def __init__(self) -> None:
+        self.clock: Callable[[], int] = now_ms  # wall clock in ms; tests substitute their own
+
+    # ---- records ---------------------------------------------------------------------
 
     def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]:
         value = record.value
         if isinstance(value, SessionControl):
-            remember_control(value, state)
+            self._control(value, record, state)
             return []
         if not isinstance(value, PhonemeSpans):
             raise RecordRejected(f"animate cannot use a {type(value).__name__}")
         if value.sample_rate <= 0:
             raise RecordRejected(f"sample rate {value.sample_rate} is not positive")
         new = _valid_spans(value)
-        if not new:
-            return []
-        cfg = session_config(state)
         sr = value.sample_rate
-        kept: list[Any] = [s for s in state.data.get("spans", [])
-                           if s[2] >= new[0][1] - KEEP_SPANS_S * sr]
-        spans = [tuple(s) for s in kept] + new
-        state.data["spans"] = [list(s) for s in spans]
-        fps = cfg.fps
+        state.data.setdefault("t0_ms", record.event_time_ms)
+        if state.data.get("sr", sr) != sr:
+            state.data["spans"] = []  # a new clock rate: old spans are on another scale
+        state.data["sr"] = sr
+        spans = [tuple(s) for s in state.data.get("spans", [])]
+        if new:
+            if spans and new[0][1] < spans[-1][2]:
+                spans = _cut(spans, new[0][1])  # a later utterance re-times what overlaps
+            spans += new
+        if value.cut_sample >= 0:
+            spans = _cut(spans, value.cut_sample)
+        if not spans:
+            return []
+        last_end = value.cut_sample if value.cut_sample >= 0 else spans[-1][2]
+        state.data["spans"] = [list(s) for s in spans if s[2] >= last_end - KEEP_SPANS_S * sr]
+        fps = session_config(state).fps
+        ended = value.is_last or value.cut_sample >= 0
+        if ended:
+            # Offline the utterance settles here; live the clock's idle frames do it.
+            horizon_s = last_end / sr + (0.0 if self.live else TAIL_S)
+            state.data.pop("speaking_ms", None)
+        else:
+            hold = max(self.lookahead_s, PHONEME_LEAD_S if record.producer_stage == "tts" else 0)
+            horizon_s = last_end / sr - hold
+            state.data["speaking_ms"] = self.clock()
+        return self._frames_until(state, int(np.ceil(horizon_s * fps)), value.utterance_id,
+                                  value.is_last)
+
+    def tick(self, state: SessionState, now: int) -> Iterable[Outbound]:
+        if "t0_ms" not in state.data:
+            return []
+        speaking = state.data.get("speaking_ms")
+        if speaking is not None and now - int(speaking) < STALE_SPEECH_S * 1000:
+            return []
+        fps = session_config(state).fps
+        target = int(((now - int(state.data["t0_ms"])) / 1000 - IDLE_LAG_S) * fps)
         next_frame = int(state.data.get("next_frame", 0))
-        end_frame = int(np.ceil((new[-1][2] / sr + TAIL_S) * fps))
+        if target - next_frame < max(1, round(CHUNK_S * fps)):
+            return []
+        if target - next_frame > MAX_CATCH_UP_S * fps:
+            state.data["next_frame"] = target - int(MAX_CATCH_UP_S * fps)
+        return self._frames_until(state, target, "idle", False)
+
+    def _control(self, value: SessionControl, record: Inbound, state: SessionState) -> None:
+        if value.action == "EMOTION":
+            if value.emotion is not None and value.emotion not in EMOTIONS:
+                raise RecordRejected(f"unknown emotion {value.emotion!r}; known: "
+                                     f"{', '.join(EMOTIONS)}")
+            if value.intensity is not None and not 0.0 <= value.intensity <= 1.0:
+                raise RecordRejected(f"emotion intensity {value.intensity} is outside 0..1")
+            before = session_config(state)
+            state.data["ramp"] = [before.emotion, before.intensity,
+                                  int(state.data.get("next_frame", 0))]
+        remember_control(value, state)
+        if value.action == "CREATE":
+            state.data.setdefault("t0_ms", record.event_time_ms)
+
+    # ---- frames ----------------------------------------------------------------------
+
+    def _motion(self, state: SessionState, first: int, n: int) -> tuple[F32, F32]:
+        cfg = session_config(state)
+        sr = int(state.data.get("sr", 22050))
+        spans = [tuple(s) for s in state.data.get("spans", [])]
+        fps = float(cfg.fps)
+        weights, head = procedural_motion(spans, sr, fps, first, n, seed=cfg.seed,
+                                          emotion=cfg.emotion, intensity=cfg.intensity)
+        ramp: list[Any] | None = state.data.get("ramp")
+        if ramp is not None:
+            length = max(1, round(EMOTION_RAMP_S * fps))
+            if first >= int(ramp[2]) + length:
+                state.data.pop("ramp", None)
+            else:
+                old_w, old_h = procedural_motion(spans, sr, fps, first, n, seed=cfg.seed,
+                                                 emotion=str(ramp[0]), intensity=float(ramp[1]))
+                u = np.clip((np.arange(first, first + n) - int(ramp[2])) / length, 0.0, 1.0)
+                a = (u * u * (3 - 2 * u))[:, None]  # smoothstep: no kink at either end
+                weights = (old_w + (weights - old_w) * a).astype(np.float32)
+                head = (old_h + (head - old_h) * a).astype(np.float32)
+        return weights.astype(np.float32), head.astype(np.float32)
+
+    def _frames_until(self, state: SessionState, end_frame: int, utterance_id: str,
+                      is_last: bool) -> list[Outbound]:
+        next_frame = int(state.data.get("next_frame", 0))
         if end_frame <= next_frame:
             return []
-        weights, head = procedural_motion(spans, sr, float(fps), next_frame,
-                                          end_frame - next_frame, seed=cfg.seed,
-                                          emotion=cfg.emotion, intensity=cfg.intensity)
+        fps = session_config(state).fps
+        n = end_frame - next_frame
+        weights, head = self._motion(state, next_frame, n)
         state.data["next_frame"] = end_frame
         per_chunk = max(1, round(CHUNK_S * fps))
         out = []
-        for a in range(0, end_frame - next_frame, per_chunk):
-            b = min(a + per_chunk, end_frame - next_frame)
+        for a in range(0, n, per_chunk):
+            b = min(a + per_chunk, n)
             out.append(Outbound("motion", MotionFrames(
-                value.session_id, fps, np.arange(next_frame + a, next_frame + b, dtype=np.int64),
-                weights[a:b], head[a:b], value.utterance_id,
-                is_last=value.is_last and b == end_frame - next_frame)))
+                state.session_id, fps, np.arange(next_frame + a, next_frame + b, dtype=np.int64),
+                weights[a:b], head[a:b], utterance_id, is_last=is_last and b == n)))
         return out

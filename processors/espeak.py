@@ -346,6 +346,14 @@ class EspeakSynth:
         """Language codes accepted as `voice` (optionally with "+variant", e.g. "en-us+f3")."""
         return sorted(self._started().voices)
 
+    def check_voice(self, voice: str, rate_wpm: int = 175, pitch: int = 50) -> str:
+        """The library's voice selector for these settings; SpeechError if any is unusable."""
+        if not RATE_RANGE_WPM[0] <= rate_wpm <= RATE_RANGE_WPM[1]:
+            raise SpeechError(f"rate_wpm={rate_wpm} is outside {RATE_RANGE_WPM[0]}..{RATE_RANGE_WPM[1]}")
+        if not PITCH_RANGE[0] <= pitch <= PITCH_RANGE[1]:
+            raise SpeechError(f"pitch={pitch} is outside {PITCH_RANGE[0]}..{PITCH_RANGE[1]}")
+        return self._selector(self._started(), voice)
+
     def synthesize(self, text: str, voice: str = "en-us", rate_wpm: int = 175,
                    pitch: int = 50) -> Synthesis:
         engine = self._started()
@@ -354,11 +362,7 @@ class EspeakSynth:
             raise SpeechError("text is empty: nothing to speak")
         if len(cleaned) > MAX_TEXT_CHARS:
             raise SpeechError(f"text has {len(cleaned)} characters; split it below {MAX_TEXT_CHARS}")
-        if not RATE_RANGE_WPM[0] <= rate_wpm <= RATE_RANGE_WPM[1]:
-            raise SpeechError(f"rate_wpm={rate_wpm} is outside {RATE_RANGE_WPM[0]}..{RATE_RANGE_WPM[1]}")
-        if not PITCH_RANGE[0] <= pitch <= PITCH_RANGE[1]:
-            raise SpeechError(f"pitch={pitch} is outside {PITCH_RANGE[0]}..{PITCH_RANGE[1]}")
-        selector = self._selector(engine, voice)
+        selector = self.check_voice(voice, rate_wpm, pitch)
         encoded = cleaned.encode("utf-8") + b"\x00"
         with _LOCK:
             if engine.current_voice != selector:
