@@ -98,8 +98,12 @@ class AnimateStage(BaseStage):
             horizon_s = last_end / sr + (0.0 if self.live else TAIL_S)
             state.data.pop("speaking_ms", None)
         else:
-            hold = max(self.lookahead_s, PHONEME_LEAD_S if record.producer_stage == "tts" else 0)
-            horizon_s = last_end / sr - hold
+            horizon_s = last_end / sr - self.lookahead_s
+            if record.producer_stage == "tts":
+                # tts has sent every phoneme starting before (audio sent + PHONEME_LEAD_S);
+                # frames stop at the audio sent, so an interrupt there never leaves the
+                # lips mouthing words nobody hears.
+                horizon_s = min(horizon_s, spans[-1][1] / sr - PHONEME_LEAD_S)
             state.data["speaking_ms"] = self.clock()
         return self._frames_until(state, int(np.ceil(horizon_s * fps)), value.utterance_id,
                                   value.is_last)
