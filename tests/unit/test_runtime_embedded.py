@@ -1,8 +1,11 @@
 """The stage runtime on the embedded bus: outputs with headers, dead letters, dedupe, and
 state that survives a restart."""
+from dataclasses import replace
+
 import pytest
 
-from backbone.records import Transcript
+from backbone.records import ReplyText, Transcript
+from backbone.stage import BaseStage, Outbound
 from backbone.runtime import StageRunner, provision_topics
 from backbone.settings import Settings
 from backbone.tracing import H_EVENT_TIME, H_SEQ, H_STAGE, H_TRACEPARENT, trace_id
@@ -100,3 +103,63 @@ def test_a_record_of_the_wrong_type_is_a_schema_mismatch(settings):
     assert [decode(m, "reply_text").text for m in read_all(bus, settings, "reply")] == ["fine"]
     dead = [decode(m, "dead_letter") for m in read_all(bus, settings, "deadletter")]
     assert [d.category for d in dead] == ["schema_mismatch"]
+
+
+class _Streaming(BaseStage):
+    """Yields a reply, then looks at the bus before yielding the next one."""
+
+    def __init__(self, settings):
+        self.name, self.inputs = "dialogue", ("transcript",)
+        self.settings = settings
+        self.seen_before_second: list[int] = []
+
+    def process(self, record, state):
+        if not isinstance(record.value, Transcript):
+            return
+        yield Outbound("reply", ReplyText(record.session_id, "u0", "first", 0, False))
+        bus = self.settings.open_bus()
+        self.seen_before_second.append(len(read_all(bus, self.settings, "reply")))
+        yield Outbound("reply", ReplyText(record.session_id, "u0", "second", 1, True))
+
+
+def test_a_generator_stage_hands_on_each_output_as_it_is_yielded(settings):
+    bus = settings.open_bus()
+    send(bus, settings, "transcript", Transcript("s1", "hi"), seq=0)
+    stage = _Streaming(settings)
+    StageRunner(stage, settings).run(idle_exit_s=0.2)
+    assert stage.seen_before_second == [1]
+    assert [decode(m, "reply_text").text for m in read_all(bus, settings, "reply")] == \
+        ["first", "second"]
+
+
+class _Ticking(BaseStage):
+    name = "dialogue"
+    inputs = ("session.control", "transcript")
+    live = False
+
+    def __init__(self):
+        self.ticks: list[tuple[str, int]] = []
+
+    def process(self, record, state):
+        return []
+
+    def tick(self, state, now):
+        self.ticks.append((state.session_id, now))
+        if len(self.ticks) == 1:
+            return [Outbound("reply", ReplyText(state.session_id, "idle", "tick", 0, True))]
+        return []
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_clocked_stage_ticks_only_when_live(settings, live):
+    settings = replace(settings, live=live, tick_ms=10)
+    bus = settings.open_bus()
+    send(bus, settings, "transcript", Transcript("s1", "hi"), seq=0)
+    stage = _Ticking()
+    StageRunner(stage, settings).run(idle_exit_s=0.3)
+    assert stage.live is live
+    if live:
+        assert len(stage.ticks) >= 5 and {s for s, _ in stage.ticks} == {"s1"}
+        assert [decode(m, "reply_text").text for m in read_all(bus, settings, "reply")] == ["tick"]
+    else:
+        assert stage.ticks == [] and read_all(bus, settings, "reply") == []
