@@ -24,7 +24,9 @@ def test_text_becomes_video_through_three_stage_processes(kafka_bootstrap, uniqu
     settings = Settings(bus="kafka", bootstrap=kafka_bootstrap,
                         topic_prefix=f"{unique_name}.", partitions=2)
     provision_topics(settings, PIPELINE)
-    procs = [StageProcess(n, settings, tmp_path, "0") for n in ("tts", "animate", "render")]
+    # Offline mode: the utterance is spoken in one go and ends the video (no idle frames).
+    procs = [StageProcess(n, settings, tmp_path, "0", {"AVATAR_LIVE": "0"})
+             for n in ("tts", "animate", "render")]
     try:
         send_session(settings, "kafka-demo", "Hello from three processes on a real broker.",
                      SessionConfig(fps=25, resolution=256))
