@@ -228,3 +228,32 @@ def test_offline_animate_still_covers_the_utterance_with_a_tail(fps):
     idx, _, _ = stack(frames_of(res.outputs))
     assert list(idx) == list(range(len(idx)))
     assert len(idx) == int(np.ceil((18000 / SR + 0.4) * fps))
+
+
+def _spoken_s(config_kw):
+    res = run_stage(TtsStage(), [create(**config_kw),
+                                 ("reply", ReplyText("s", "u0", "Seven slow sentences."))])
+    return sum(a.n_samples for a in audio_of(res.outputs)) / SR
+
+
+def test_voice_rate_and_pitch_follow_the_session_config():
+    assert _spoken_s({"rate_wpm": 300}) < 0.75 * _spoken_s({"rate_wpm": 130})
+    low = run_stage(TtsStage(), [create(pitch=10), ("reply", ReplyText("s", "u0", "Ah."))])
+    high = run_stage(TtsStage(), [create(pitch=90), ("reply", ReplyText("s", "u0", "Ah."))])
+
+    def f0(res):  # YIN's normalised difference: its deepest dip is the pitch period
+        pcm = np.frombuffer(b"".join(a.pcm for a in audio_of(res.outputs)), "<i2").astype(float)
+        mid = pcm[len(pcm) // 3: len(pcm) // 3 + 1024]
+        lags = np.arange(1, 400)
+        d = np.array([np.sum((mid[:-400] - mid[k:k - 400]) ** 2) for k in lags])
+        cmnd = d * lags / np.cumsum(d)
+        lag = lags[40 + np.argmin(cmnd[40:])]  # periods of 2.5-18 ms: 55-550 Hz
+        return SR / lag
+
+    assert f0(high) > 1.3 * f0(low)
+
+
+def test_another_language_voice_speaks_with_its_own_phonemes():
+    de = run_stage(TtsStage(), [create(voice="de"), ("reply", ReplyText("s", "u0", "Ich möchte."))])
+    symbols = {s.phoneme.lstrip("',") for p in phonemes_of(de.outputs) for s in p.spans}
+    assert "C" in symbols  # the German ich-laut, which English has not
