@@ -238,9 +238,9 @@ def _spoken_s(config_kw):
 
 def test_voice_rate_and_pitch_follow_the_session_config():
     assert _spoken_s({"rate_wpm": 300}) < 0.75 * _spoken_s({"rate_wpm": 130})
-    low, high = (run_stage(TtsStage(), [create(pitch=p, rate_wpm=80),
-                                        ("reply", ReplyText("s", "u0", "Ah."))])
-                 for p in (10, 90))
+    def spoken(pitch):
+        return run_stage(TtsStage(), [create(pitch=pitch, rate_wpm=80),
+                                      ("reply", ReplyText("s", "u0", "Ah."))])
 
     def f0(res):
         """Median over the vowel of YIN's deepest normalised-difference dip (55-400 Hz)."""
@@ -254,7 +254,9 @@ def test_voice_rate_and_pitch_follow_the_session_config():
             est.append(SR / lags[54 + np.argmin(cmnd[54:])])
         return float(np.median(est))
 
-    assert f0(high) > 1.3 * f0(low)
+    # Median of three: a single estimate of a falling-intonation vowel can slip.
+    low, high = (float(np.median([f0(spoken(p)) for _ in range(3)])) for p in (10, 90))
+    assert high > 1.5 * low
 
 
 def test_another_language_voice_speaks_with_its_own_phonemes():
