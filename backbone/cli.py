@@ -63,9 +63,13 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from backbone.demo import run_demo
 
-    out = run_demo(text=args.text, output=Path(args.output), bus=args.bus,
-                   data_dir=Path(args.data_dir), fps=args.fps, resolution=args.resolution,
-                   voice=args.voice)
+    try:
+        out = run_demo(text=args.text, output=Path(args.output), bus=args.bus,
+                       data_dir=Path(args.data_dir), fps=args.fps, resolution=args.resolution,
+                       voice=args.voice, audio=Path(args.audio) if args.audio else None)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"avatar demo: {exc}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 
@@ -143,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fps", type=int, default=25)
     d.add_argument("--resolution", type=int, default=512, choices=[256, 512, 768])
     d.add_argument("--voice", default="en-us")
+    d.add_argument("--audio", default="", metavar="WAV",
+                   help="animate this speech (any voice) instead of speaking --text")
     d.set_defaults(fn=_cmd_demo)
 
     pt = sub.add_parser("portrait", help="add or list portraits (packs in $AVATAR_PORTRAIT_DIR)")
