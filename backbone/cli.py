@@ -106,6 +106,21 @@ def _cmd_portrait(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backbone.settings import Settings
+    from gateway import auth
+    from gateway.app import Gateway, create_app
+
+    settings = Settings.from_env()
+    gw = Gateway(settings, auth.from_env(), demo_key=os.environ.get("AVATAR_DEMO_KEY", ""))
+    print(f"gateway on http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(create_app(gw), host=args.host, port=args.port, log_level="warning",
+                ws_max_size=1 << 20)
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from backbone.stack import up
 
@@ -158,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--name", default="", help="portrait name (default: the file's stem)")
     pt_sub.add_parser("list", help="the shipped portrait and every added one")
     pt.set_defaults(fn=_cmd_portrait)
+
+    g = sub.add_parser("gateway", help="REST + WebSocket + WebRTC gateway in front of the bus")
+    g.add_argument("--host", default=os.environ.get("AVATAR_GATEWAY_HOST", "127.0.0.1"))
+    g.add_argument("--port", type=int, default=int(os.environ.get("AVATAR_GATEWAY_PORT", "8080")))
+    g.set_defaults(fn=_cmd_gateway)
 
     u = sub.add_parser("up", help="broker, topics and every stage as its own process")
     u.add_argument("--run-dir", default="avatar-data/run")

@@ -37,14 +37,18 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
         raise RuntimeError("the bus did not acknowledge the session's first records")
 
 
-def read_wav(path: Path) -> tuple[bytes, int]:
-    """Mono s16le PCM and its sample rate from a PCM WAV file (8/16/24/32-bit, any channels)."""
+def read_wav(source: Path | bytes, name: str = "") -> tuple[bytes, int]:
+    """Mono s16le PCM and its sample rate from a PCM WAV file or its bytes (8/16/24/32-bit,
+    any channel count). ValueError names what is wrong."""
+    import io
     import wave
 
     import numpy as np
 
+    path = name or (str(source) if isinstance(source, Path) else "the upload")
     try:
-        with wave.open(str(path), "rb") as w:
+        with wave.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                       "rb") as w:
             width, channels, sr = w.getsampwidth(), w.getnchannels(), w.getframerate()
             raw = w.readframes(w.getnframes())
     except (wave.Error, EOFError) as exc:
@@ -62,6 +66,8 @@ def read_wav(path: Path) -> tuple[bytes, int]:
         x = (np.frombuffer(raw, "<i4") >> 16).astype(np.int32)
     else:
         raise ValueError(f"{path}: {8 * width}-bit samples are not supported")
+    if len(x) % channels:
+        raise ValueError(f"{path}: truncated ({len(x)} samples for {channels} channels)")
     mono = x.reshape(-1, channels).mean(axis=1)
     if len(mono) == 0:
         raise ValueError(f"{path} holds no audio")

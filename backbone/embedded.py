@@ -114,6 +114,9 @@ class EmbeddedBus:
     def admin(self) -> EmbeddedAdmin:
         return EmbeddedAdmin(self)
 
+    def tail(self, topics: Sequence[str]) -> EmbeddedTail:
+        return EmbeddedTail(self, topics)
+
 
 class EmbeddedProducer:
     def __init__(self, bus: EmbeddedBus, transactional_id: str | None) -> None:
@@ -288,6 +291,22 @@ class EmbeddedConsumer:
         if self._assigned and self._on_revoke is not None:
             self._on_revoke(self.assignment())
         self._closed = True
+
+
+class EmbeddedTail(EmbeddedConsumer):
+    """Follows `topics` from their current end, with no group and no commits."""
+
+    def __init__(self, bus: EmbeddedBus, topics: Sequence[str]) -> None:
+        super().__init__(bus, group="")
+        self._topics = list(topics)
+        self._assign()  # the end is "now", not the first poll
+
+    def _assign(self) -> None:
+        admin = EmbeddedAdmin(self.bus)
+        for topic in self._topics:
+            for p in range(self.bus.partitions(topic)):
+                self._positions[(topic, p)] = admin.watermarks(topic, p)[1]
+        self._assigned = True
 
 
 class EmbeddedAdmin:

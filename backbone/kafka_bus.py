@@ -83,6 +83,9 @@ class KafkaBus:
     def admin(self) -> KafkaAdmin:
         return KafkaAdmin(self.bootstrap)
 
+    def tail(self, topics: Sequence[str]) -> KafkaTail:
+        return KafkaTail(self.bootstrap, topics, self.extra)
+
 
 class KafkaProducer:
     def __init__(self, conf: dict[str, Any]) -> None:
@@ -302,3 +305,35 @@ class KafkaAdmin:
 
     def close(self) -> None:
         self._a = None
+
+
+class KafkaTail:
+    """Every partition of `topics` assigned directly at its end: no group join, no commits,
+    so a gateway starts streaming at once and never competes with the stages' groups."""
+
+    def __init__(self, bootstrap: str, topics: Sequence[str], extra: dict[str, Any]) -> None:
+        conf = {"bootstrap.servers": bootstrap, "group.id": f"avatar-tail-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False, **{k: CONSUMER_DEFAULTS[k] for k in (
+                    "fetch.queue.backoff.ms", "fetch.wait.max.ms", "queued.min.messages")},
+                **extra}
+        self._c = Consumer(conf)
+        try:
+            meta = self._c.list_topics(timeout=10)
+        except KafkaException as exc:
+            raise _classify(exc.args[0]) from exc
+        parts = []
+        for t in topics:
+            tm = meta.topics.get(t)
+            if tm is None or tm.error is not None:
+                raise BusError(f"topic {t} does not exist", retriable=False, fatal=True)
+            parts += [KTP(t, p, confluent_kafka.OFFSET_END) for p in tm.partitions]
+        self._c.assign(parts)
+
+    def poll(self, timeout_s: float) -> Message | None:
+        m = self._c.poll(timeout_s)
+        if m is None or m.error() is not None:
+            return None
+        return _to_message(m)
+
+    def close(self) -> None:
+        self._c.close()

@@ -1,0 +1,134 @@
+"""Fan-out of live session records to the gateway's clients (WebSocket, WebRTC, RTMP).
+
+One thread tails the output topics from their end and hands each decoded record to the
+subscribers of its session on their event loop; a slow client loses records (counted),
+never the gateway's memory or the other clients' streams.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+
+from backbone.bus import Bus, BusError
+from backbone.codec import AvroCodec, DecodeError
+from backbone.records import RecordValue
+from backbone.settings import Settings
+from backbone.topics import TOPICS
+from backbone.tracing import RecordHeaders
+
+log = logging.getLogger("avatar.gateway.hub")
+
+STREAMED = ("video", "speech.audio", "transcript", "reply", "speech.phonemes", "motion")
+# ~4 s of 25 fps video plus its audio and events: a client further behind is too slow.
+QUEUE_RECORDS = 400
+
+DROPPED = Counter("avatar_gateway_dropped_records_total",
+                  "Records not delivered to a client that fell behind", ["topic"])
+
+
+@dataclass(frozen=True)
+class Delivered:
+    topic: str
+    value: RecordValue
+    headers: RecordHeaders
+    timestamp_ms: int
+
+
+class Subscription:
+    def __init__(self, session_id: str, loop: asyncio.AbstractEventLoop,
+                 topics: tuple[str, ...]) -> None:
+        self.session_id = session_id
+        self.topics = topics
+        self.queue: asyncio.Queue[Delivered] = asyncio.Queue(QUEUE_RECORDS)
+        self._loop = loop
+
+    def offer(self, item: Delivered) -> None:
+        """From the hub thread: hand over without blocking, dropping when full."""
+        def put() -> None:
+            try:
+                self.queue.put_nowait(item)
+            except asyncio.QueueFull:
+                DROPPED.labels(item.topic).inc()
+        self._loop.call_soon_threadsafe(put)
+
+    async def get(self, timeout_s: float | None = None) -> Delivered | None:
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+
+class SessionHub:
+    def __init__(self, settings: Settings, bus: Bus | None = None) -> None:
+        self.settings = settings
+        self._bus = bus
+        self._codec = AvroCodec(registry_url=settings.schema_registry_url)
+        self._subs: dict[str, list[Subscription]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._logical = {settings.topic(t): t for t in STREAMED}
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        bus = self._bus or self.settings.open_bus()
+        tail = bus.tail([self.settings.topic(t) for t in STREAMED])
+        self._thread = threading.Thread(target=self._run, args=(tail,), name="session-hub",
+                                        daemon=True)
+        self._thread.start()
+        self.ready.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def subscribe(self, session_id: str, topics: tuple[str, ...] = STREAMED) -> Subscription:
+        sub = Subscription(session_id, asyncio.get_running_loop(), topics)
+        with self._lock:
+            self._subs.setdefault(session_id, []).append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            subs = self._subs.get(sub.session_id, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs:
+                self._subs.pop(sub.session_id, None)
+
+    def _run(self, tail: Any) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    m = tail.poll(0.05)
+                except BusError as exc:
+                    log.error("hub tail failed", extra={"error": str(exc)})
+                    if exc.fatal:
+                        return
+                    continue
+                if m is None or m.key is None:
+                    continue
+                session = m.key.decode("utf-8", "replace")
+                with self._lock:
+                    subs = list(self._subs.get(session, ()))
+                if not subs:
+                    continue
+                topic = self._logical.get(m.topic, "")
+                wanted = [s for s in subs if topic in s.topics]
+                if not wanted:
+                    continue
+                try:
+                    value = self._codec.decode(m.value, TOPICS[topic].schema)
+                except DecodeError:
+                    continue  # the stages dead-letter it; a viewer just does not see it
+                item = Delivered(topic, value, RecordHeaders.decode(m), m.timestamp_ms)
+                for s in wanted:
+                    s.offer(item)
+        finally:
+            tail.close()
