@@ -30,6 +30,7 @@ from backbone.tracing import RecordHeaders, new_traceparent, now_ms
 from gateway.auth import SCOPES, Auth, AuthError, Claims
 from gateway.hub import Delivered, SessionHub
 from gateway.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
+from gateway.webrtc import WhepError, WhepServer
 
 log = logging.getLogger("avatar.gateway")
 
@@ -122,6 +123,7 @@ class Gateway:
         self.bus = bus or settings.open_bus()
         self.codec = AvroCodec(registry_url=settings.schema_registry_url)
         self.hub = SessionHub(settings, self.bus)
+        self.whep = WhepServer(self.hub)
         self.sessions: dict[str, _Session] = {}
         self.demo_key = demo_key
         self._producer: BusProducer | None = None
@@ -194,6 +196,7 @@ def create_app(gw: Gateway) -> FastAPI:
         try:
             yield
         finally:
+            await gw.whep.close_all()
             gw.stop()
 
     app = FastAPI(title="avatar-backbone gateway", version=VERSION, lifespan=lifespan,
@@ -204,6 +207,10 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.exception_handler(AuthError)
     async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, exc.status)
+
+    @app.exception_handler(WhepError)
+    async def _whep_error(_: Request, exc: WhepError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, exc.status)
 
     @app.exception_handler(UploadError)
@@ -299,7 +306,9 @@ def create_app(gw: Gateway) -> FastAPI:
         cfg = SessionConfig(**body.model_dump())
         s = _Session(sid, claims.subject, cfg, now_ms())
         gw.sessions[sid] = s
-        gw.produce("session.control", sid, SessionControl(sid, "CREATE", cfg))
+        # The CREATE's event time is the session media clock's origin for every stage.
+        gw.produce("session.control", sid, SessionControl(sid, "CREATE", cfg),
+                   event_time_ms=s.created_ms)
         key = next(k for k in gw.auth._keys.values() if k.name == claims.subject)
         viewer, _ = gw.auth.issue(key, "viewer", sid, 3600)
         return info(s, viewer)
@@ -374,6 +383,50 @@ def create_app(gw: Gateway) -> FastAPI:
             s.ended = True
             gw.produce("session.control", session_id, SessionControl(session_id, "END"))
         return info(s)
+
+    # -- WebRTC (WHEP) -----------------------------------------------------------------
+
+    @app.post("/whep/{session_id}", tags=["webrtc"], status_code=201,
+              response_class=Response,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/sdp": {"schema": {"type": "string"}}}}},
+              responses={201: {"content": {"application/sdp": {}},
+                               "description": "the SDP answer; Location names the resource"}})
+    async def whep(session_id: str, request: Request, claims: Watcher) -> Response:
+        """Watch a session: the standard WHEP offer/answer. An integrator token whose offer
+        sends audio also feeds that microphone to the session's speech recognition."""
+        s = gw.session_for(session_id, claims)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/sdp":
+            raise HTTPException(415, "send the offer as application/sdp")
+        body = await _bounded_body(request, 64_000)
+        try:
+            sdp = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the SDP offer is not UTF-8 text") from None
+
+        def mic(pcm: bytes, rate: int) -> None:
+            gw.audio(s, "audio.in", pcm, rate, False)
+
+        resource, answer = await gw.whep.offer(
+            session_id, sdp, s.created_ms / 1000.0,
+            mic if claims.scope == "integrator" and not s.ended else None)
+        return Response(answer, 201, media_type="application/sdp",
+                        headers={"Location": f"/whep/{session_id}/{resource}"})
+
+    @app.delete("/whep/{session_id}/{resource}", tags=["webrtc"])
+    async def whep_stop(session_id: str, resource: str, claims: Watcher) -> dict[str, str]:
+        gw.session_for(session_id, claims)
+        peer = gw.whep.peers.get(resource)
+        if peer is None or peer.session_id != session_id:
+            raise HTTPException(404, "no such WHEP resource")
+        await gw.whep.close(resource)
+        return {"stopped": resource}
+
+    @app.patch("/whep/{session_id}/{resource}", tags=["webrtc"])
+    def whep_patch(session_id: str, resource: str) -> Response:
+        """Trickle ICE is not supported: every candidate is in the offer and the answer."""
+        return Response(status_code=405, headers={"Allow": "DELETE"})
 
     # -- WebSocket ---------------------------------------------------------------------
 
