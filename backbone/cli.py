@@ -114,6 +114,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.app import Gateway, create_app
 
     settings = Settings.from_env()
+    if os.environ.get("AVATAR_ICE_LOOPBACK", "") in ("1", "true", "yes"):
+        from gateway.webrtc import loopback_only
+
+        loopback_only()  # one machine: WebRTC media stays on 127.0.0.1
     gw = Gateway(settings, auth.from_env(), demo_key=os.environ.get("AVATAR_DEMO_KEY", ""))
     print(f"gateway on http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(create_app(gw), host=args.host, port=args.port, log_level="warning",

@@ -16,6 +16,7 @@ from typing import Annotated, Any, AsyncIterator, Literal
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, Field
 from starlette.websockets import WebSocketDisconnect
@@ -204,6 +205,7 @@ def create_app(gw: Gateway) -> FastAPI:
                               "speak (text, or your own TTS audio), watch it over WebSocket "
                               "or WebRTC (WHEP).")
     app.state.gateway = gw
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(AuthError)
     async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:

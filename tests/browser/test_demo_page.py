@@ -1,0 +1,130 @@
+"""The demo page in a real browser (headless Chromium, fake media devices) against the real
+stack: the broker, tts/animate/render as processes and the gateway. Typing text makes the
+avatar speak; the page's WebRTC video decodes and plays; a screenshot is kept."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from backbone.runtime import provision_topics
+from backbone.settings import Settings
+from backbone.stages import PIPELINE
+from tests.integration.stage_procs import ROOT, StageProcess
+
+pytestmark = pytest.mark.kafka
+
+DEMO_KEY = "demo-key-for-the-browser-test"
+SHOTS = ROOT / "docs"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _chrome() -> webdriver.Chrome:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    assert binary and driver, "Chromium and chromedriver are required (Debian: chromium " \
+                              "chromium-driver)"
+    opts = Options()
+    opts.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-background-networking",
+                "--disable-dev-shm-usage", "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns", "--window-size=1100,760"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+@pytest.fixture
+def stack(kafka_bootstrap, unique_name, tmp_path):
+    settings = Settings(bus="kafka", bootstrap=kafka_bootstrap, topic_prefix=f"{unique_name}.",
+                        partitions=2)
+    provision_topics(settings, PIPELINE)
+    procs = [StageProcess(n, settings, tmp_path, "0") for n in ("tts", "animate", "render")]
+    port = _free_port()
+    env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": kafka_bootstrap,
+           "AVATAR_TOPIC_PREFIX": settings.topic_prefix, "AVATAR_PARTITIONS": "2",
+           "AVATAR_API_KEYS": f"demo:{DEMO_KEY}:integrator", "AVATAR_DEMO_KEY": DEMO_KEY,
+           "AVATAR_JWT_SECRET": "browser-test-secret-of-32-bytes-or-more",
+           "AVATAR_ICE_LOOPBACK": "1", "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "gateway.log", "wb")
+    gateway = subprocess.Popen([sys.executable, "-m", "backbone.cli", "gateway", "--port",
+                                str(port)], env=env, cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        raise AssertionError((tmp_path / "gateway.log").read_text())
+    try:
+        yield base, tmp_path
+    finally:
+        gateway.terminate()
+        gateway.wait(20)
+        log.close()
+        for p in procs:
+            p.terminate()
+
+
+def test_the_demo_page_shows_the_avatar_speaking(stack):
+    base, tmp_path = stack
+    browser = _chrome()
+    try:
+        browser.get(base + "/")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = browser.execute_script("return window.avatarDemo")
+            if state and (state.get("ready") or state.get("error")):
+                break
+            time.sleep(0.2)
+        assert state and state.get("ready"), (state, (tmp_path / "gateway.log").read_text())
+        browser.find_element(By.ID, "speak").click()
+        # Frames decode and play: the page counts presented frames.
+        deadline = time.monotonic() + 60
+        frames = 0
+        while time.monotonic() < deadline and frames < 75:
+            frames = browser.execute_script("return window.avatarDemo.frames")
+            time.sleep(0.2)
+        assert frames >= 75, (frames, (tmp_path / "gateway.log").read_text()[-3000:])
+        size = browser.execute_script(
+            "const v = document.getElementById('video'); return [v.videoWidth, v.videoHeight]")
+        assert size == [512, 512]
+        # The picture is a face, not black: mean brightness of the decoded frame.
+        brightness = browser.execute_script("""
+            const v = document.getElementById('video');
+            const c = document.createElement('canvas'); c.width = 64; c.height = 64;
+            const g = c.getContext('2d'); g.drawImage(v, 0, 0, 64, 64);
+            const d = g.getImageData(0, 0, 64, 64).data; let s = 0;
+            for (let i = 0; i < d.length; i += 4) s += d[i] + d[i + 1] + d[i + 2];
+            return s / (64 * 64 * 3);""")
+        assert brightness > 30, brightness
+        time.sleep(1.0)
+        shot = tmp_path / "demo_page.png"
+        browser.save_screenshot(str(shot))
+        if os.environ.get("AVATAR_SAVE_SCREENSHOT"):
+            SHOTS.mkdir(exist_ok=True)
+            shutil.copy(shot, SHOTS / "demo_page.png")
+        assert shot.stat().st_size > 10_000
+    finally:
+        browser.quit()
