@@ -31,6 +31,7 @@ from backbone.tracing import RecordHeaders, new_traceparent, now_ms
 from gateway.auth import SCOPES, Auth, AuthError, Claims
 from gateway.hub import Delivered, SessionHub
 from gateway.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
+from gateway.rtmp import MAX_PUSHES, RtmpPush
 from gateway.webrtc import WhepError, WhepServer
 
 log = logging.getLogger("avatar.gateway")
@@ -95,6 +96,19 @@ class EmotionIn(BaseModel):
     intensity: float = Field(1.0, ge=0.0, le=1.0)
 
 
+class RtmpIn(BaseModel):
+    url: str = Field(..., min_length=8, max_length=1024, pattern=r"^rtmps?://",
+                     description="the ingest URL, stream key included")
+
+
+class RtmpInfo(BaseModel):
+    push_id: str
+    session_id: str
+    frames_sent: int
+    running: bool
+    error: str | None = None
+
+
 class Accepted(BaseModel):
     session_id: str
     accepted: str
@@ -125,6 +139,7 @@ class Gateway:
         self.codec = AvroCodec(registry_url=settings.schema_registry_url)
         self.hub = SessionHub(settings, self.bus)
         self.whep = WhepServer(self.hub)
+        self.pushes: dict[str, RtmpPush] = {}
         self.sessions: dict[str, _Session] = {}
         self.demo_key = demo_key
         self._producer: BusProducer | None = None
@@ -135,6 +150,8 @@ class Gateway:
         self.hub.start()
 
     def stop(self) -> None:
+        for push in list(self.pushes.values()):
+            push.stop()
         self.hub.stop()
         if self._producer is not None:
             self._producer.flush(10)
@@ -429,6 +446,48 @@ def create_app(gw: Gateway) -> FastAPI:
     def whep_patch(session_id: str, resource: str) -> Response:
         """Trickle ICE is not supported: every candidate is in the offer and the answer."""
         return Response(status_code=405, headers={"Allow": "DELETE"})
+
+    # -- RTMP --------------------------------------------------------------------------
+
+    def push_info(p: RtmpPush) -> RtmpInfo:
+        return RtmpInfo(push_id=p.push_id, session_id=p.session_id, frames_sent=p.frames_sent,
+                        running=p.is_alive(), error=p.error)
+
+    @app.post("/v1/sessions/{session_id}/rtmp", tags=["broadcast"], status_code=201,
+              response_model=RtmpInfo)
+    def rtmp_start(session_id: str, body: RtmpIn, claims: Integrator) -> RtmpInfo:
+        """Push the live session (H.264 as logged, speech as AAC) to an RTMP ingest."""
+        live(session_id, claims)
+        running = [p for p in gw.pushes.values() if p.is_alive()]
+        if len(running) >= MAX_PUSHES:
+            raise HTTPException(503, "this gateway runs its maximum number of RTMP pushes")
+        try:
+            push = RtmpPush(gw.hub, session_id, body.url)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        gw.pushes[push.push_id] = push
+        push.start()
+        return push_info(push)
+
+    @app.get("/v1/sessions/{session_id}/rtmp/{push_id}", tags=["broadcast"],
+             response_model=RtmpInfo)
+    def rtmp_status(session_id: str, push_id: str, claims: Integrator) -> RtmpInfo:
+        gw.session_for(session_id, claims)
+        push = gw.pushes.get(push_id)
+        if push is None or push.session_id != session_id:
+            raise HTTPException(404, "no such RTMP push")
+        return push_info(push)
+
+    @app.delete("/v1/sessions/{session_id}/rtmp/{push_id}", tags=["broadcast"],
+                response_model=RtmpInfo)
+    def rtmp_stop(session_id: str, push_id: str, claims: Integrator) -> RtmpInfo:
+        gw.session_for(session_id, claims)
+        push = gw.pushes.get(push_id)
+        if push is None or push.session_id != session_id:
+            raise HTTPException(404, "no such RTMP push")
+        push.stop()
+        gw.pushes.pop(push_id, None)
+        return push_info(push)
 
     # -- WebSocket ---------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -40,15 +41,25 @@ class Delivered:
 
 
 class Subscription:
-    def __init__(self, session_id: str, loop: asyncio.AbstractEventLoop,
+    """Records of one session for one client; `loop` None means a thread reads `blocking`."""
+
+    def __init__(self, session_id: str, loop: asyncio.AbstractEventLoop | None,
                  topics: tuple[str, ...]) -> None:
         self.session_id = session_id
         self.topics = topics
         self.queue: asyncio.Queue[Delivered] = asyncio.Queue(QUEUE_RECORDS)
+        self.blocking: queue.Queue[Delivered] = queue.Queue(QUEUE_RECORDS)
         self._loop = loop
 
     def offer(self, item: Delivered) -> None:
         """From the hub thread: hand over without blocking, dropping when full."""
+        if self._loop is None:
+            try:
+                self.blocking.put_nowait(item)
+            except queue.Full:
+                DROPPED.labels(item.topic).inc()
+            return
+
         def put() -> None:
             try:
                 self.queue.put_nowait(item)
@@ -88,8 +99,10 @@ class SessionHub:
         if self._thread is not None:
             self._thread.join(5)
 
-    def subscribe(self, session_id: str, topics: tuple[str, ...] = STREAMED) -> Subscription:
-        sub = Subscription(session_id, asyncio.get_running_loop(), topics)
+    def subscribe(self, session_id: str, topics: tuple[str, ...] = STREAMED, *,
+                  threaded: bool = False) -> Subscription:
+        loop = None if threaded else asyncio.get_running_loop()
+        sub = Subscription(session_id, loop, topics)
         with self._lock:
             self._subs.setdefault(session_id, []).append(sub)
         return sub

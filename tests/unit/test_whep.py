@@ -14,15 +14,13 @@ import pytest
 import uvicorn
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from backbone.records import SpeechChunk, VideoChunk
 from backbone.runtime import provision_topics
 from backbone.settings import Settings
 from backbone.stages import PIPELINE
 from gateway.app import Gateway, create_app
 from gateway.auth import Auth, parse_api_keys
 from gateway.webrtc import loopback_only
-from processors.encode import H264Encoder
-from tests.support.bus_io import send
+from tests.support.media import feed_session
 
 KEY = "acme-secret-key"
 
@@ -62,26 +60,6 @@ def _session(base):
     info = httpx.post(f"{base}/v1/sessions", json={"resolution": 256},
                       headers={"Authorization": f"Bearer {tok}"}).json()
     return tok, info
-
-
-def _feed(gw, settings, sid, seconds=3.0, fps=25):
-    """What tts and render would log: real H.264 of a moving picture, and a tone."""
-    enc = H264Encoder(256, 256, fps, keyframe_interval=25)
-    enc.start()
-    yy, xx = np.mgrid[0:256, 0:256]
-    for i in range(int(seconds * fps)):
-        img = np.stack([(xx + 4 * i) % 256, yy, (xx + yy) // 2], -1).astype(np.uint8)
-        for p in enc.encode(img, i):
-            send(gw.bus, settings, "video", VideoChunk(sid, 256, 256, fps, p.pts, p.dts,
-                                                       p.keyframe, p.data), seq=i,
-                 stage="render")
-    sr = 22050
-    tone = (np.sin(np.arange(int(seconds * sr)) * 2 * np.pi * 440 / sr) * 12000).astype("<i2")
-    step = sr // 10
-    for k in range(0, len(tone), step):
-        send(gw.bus, settings, "speech.audio", SpeechChunk(sid, "u0", sr, k,
-                                                           tone[k:k + step].tobytes()),
-             seq=k // step, stage="tts")
 
 
 async def _watch(base, sid, token, seconds=3.0):
@@ -126,7 +104,7 @@ def test_a_whep_viewer_receives_the_logged_video_and_the_speech(served):
     base, gw, settings = served
     tok, info = _session(base)
     sid = info["session_id"]
-    feeder = threading.Thread(target=_feed, args=(gw, settings, sid))
+    feeder = threading.Thread(target=feed_session, args=(gw.bus, settings, sid))
     feeder.start()
     video, audio = asyncio.run(_watch(base, sid, info["viewer_token"], 4.0))
     feeder.join()
