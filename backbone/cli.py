@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_cmd_topics)
 
     s = sub.add_parser("stage", help="run one stage as a process on the configured bus")
-    s.add_argument("name", help="dialogue | tts | animate | render | module:Class")
+    s.add_argument("name", help="asr | dialogue | tts | align | animate | render | module:Class")
     s.set_defaults(fn=_cmd_stage)
 
     d = sub.add_parser("demo", help="text -> speech -> motion -> video, written to an MP4")

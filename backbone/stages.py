@@ -8,13 +8,14 @@ from typing import Any
 from backbone.stage import Stage
 
 STAGES: dict[str, str] = {
+    "asr": "processors.asr:AsrStage",
     "dialogue": "processors.dialogue:DialogueStage",
     "tts": "processors.tts:TtsStage",
     "animate": "processors.animate:AnimateStage",
     "render": "processors.render:RenderStage",
 }
 # What `avatar up` and `avatar topics create` provision and run, in flow order.
-PIPELINE = ("dialogue", "tts", "animate", "render")
+PIPELINE = ("asr", "dialogue", "tts", "animate", "render")
 
 
 def load_stage(spec: str, **kwargs: Any) -> Stage:

@@ -125,7 +125,8 @@ class _Session:
     created_ms: int
     ended: bool = False
     utterances: int = 0
-    audio_clock: dict[str, int] = field(default_factory=dict)  # topic -> next sample
+    audio_clock: dict[str, int] = field(default_factory=dict)  # topic@rate -> next sample
+    open_audio: set[str] = field(default_factory=set)  # topic@rate with an utterance under way
 
 
 class Gateway:
@@ -176,7 +177,16 @@ class Gateway:
     def audio(self, s: _Session, topic: str, pcm: bytes, sr: int, final: bool) -> int:
         """PCM on `topic` in 100 ms records continuing the session's clock for that topic."""
         key = f"{topic}@{sr}"
+        # A new utterance starts now on the media clock (not where the last one ended,
+        # which may be long past); a continuing one follows on without a gap.
+        media_now = max(0, (now_ms() - s.created_ms) * sr // 1000)
         start = s.audio_clock.get(key, 0)
+        if key not in s.open_audio:
+            start = max(start, media_now)
+        if final:
+            s.open_audio.discard(key)
+        else:
+            s.open_audio.add(key)
         step = max(2, int(sr * AUDIO_CHUNK_S) * 2)
         n = max(1, -(-len(pcm) // step))
         trace = new_traceparent()
@@ -580,6 +590,7 @@ async def _pump(websocket: WebSocket, sub: Any) -> None:
 
 async def _receive(websocket: WebSocket, gw: Gateway, s: _Session, claims: Claims) -> None:
     rate = 16000
+    target = "audio.in"
     while True:
         msg = await websocket.receive()
         if msg["type"] == "websocket.disconnect":
@@ -595,7 +606,7 @@ async def _receive(websocket: WebSocket, gw: Gateway, s: _Session, claims: Claim
                     "type": "error", "detail": f"audio messages are s16le PCM of at most "
                                                f"{MAX_WS_AUDIO_BYTES} bytes"}))
                 continue
-            gw.audio(s, "audio.in", data, rate, False)
+            gw.audio(s, target, data, rate, False)
             continue
         text = msg.get("text") or ""
         cmd: dict[str, Any] = {}
@@ -622,11 +633,13 @@ async def _receive(websocket: WebSocket, gw: Gateway, s: _Session, claims: Claim
                 level = 1.0
             gw.produce("session.control", s.session_id, SessionControl(
                 s.session_id, "EMOTION", emotion=cmd["emotion"], intensity=float(level)))
-        elif kind == "audio_format" and cmd.get("sample_rate") in (8000, 16000, 24000, 32000,
-                                                                   44100, 48000):
+        elif kind == "audio_format" and cmd.get("sample_rate") in (8000, 16000, 22050, 24000,
+                                                                   32000, 44100, 48000):
             rate = int(cmd["sample_rate"])
+            # "speech": the integrator's own TTS, lip-synced; "user": a voice to recognise.
+            target = "speech.audio" if cmd.get("purpose") == "speech" else "audio.in"
         elif kind == "audio_end":
-            gw.audio(s, "audio.in", b"", rate, True)
+            gw.audio(s, target, b"", rate, True)
         else:
             await websocket.send_text(json.dumps({
                 "type": "error", "detail": "unknown or malformed command; send JSON with "

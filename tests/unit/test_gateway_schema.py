@@ -25,9 +25,9 @@ def _app(tmp):
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-@schemathesis.serializer("audio/wav", "audio/pcm", "audio/L16", "audio/ogg")
+@schemathesis.serializer("audio/wav", "audio/pcm", "audio/L16", "audio/ogg", "application/sdp")
 def _audio_bytes(ctx, value):
-    """Generated 'binary' bodies go out as they are: random bytes under an audio type."""
+    """Generated bodies go out as they are: random bytes under an audio or SDP type."""
     return value if isinstance(value, bytes) else str(value).encode()
 
 
