@@ -1,0 +1,353 @@
+"""End-to-end latency and lip-sync at a WebRTC viewer, every stage its own process on the
+real broker.
+
+A broker (temp home), the stages tts, align, animate, render and the gateway run as
+processes; this process is the integrator and the viewer (aiortc over WHEP on loopback).
+- text_to_frame: POST /speak -> the first frame at the viewer whose mouth has moved.
+- audio_to_frame: the integrator streams its own speech over the WebSocket in real time
+  (100 ms chunks, phonemes found by align); the chunk holding an utterance's onset leaves
+  -> the first frame at the viewer whose mouth has moved.
+- av_offset: at the viewer, mouth onset minus audio onset per utterance (median). The same
+  detector run on the logged media (video records vs speech samples, in media time) gives
+  `av_offset_log_ms`: the offset the pipeline wrote, against which transport adds its part.
+Mouth movement is read from pixels: the mean brightness of the inner-mouth box (from the
+portrait's landmarks) leaving its idle range.
+
+    python benchmarks/e2e.py --json benchmarks/results/e2e.json
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEY = "e2e-bench-key-0123456789"
+SENTENCES = ["Hello there, nice to meet you.", "Maybe we could meet on Monday.",
+             "Please bring the map and the big box.", "My mother made a warm apple pie.",
+             "Bob put the paper back on the pile.", "We might miss the morning bus."]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Arrivals:
+    video: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)  # t, mouth, h
+    audio: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # t, rms
+
+
+def _mouth_box(size: int) -> tuple[slice, slice]:
+    from processors.portrait import default_pack
+
+    pack = default_pack()
+    lm = pack.landmarks[:, :2] * (size / pack.image.shape[0])
+    top, bottom, left, right = lm[13], lm[14], lm[78], lm[308]  # inner lips, inner corners
+    cy, cx = (top[1] + bottom[1]) / 2, (left[0] + right[0]) / 2
+    half_w = max(6, int((right[0] - left[0]) * 0.35))
+    return slice(int(cy - 6), int(cy + 10)), slice(int(cx - half_w), int(cx + half_w))
+
+
+async def _view(base: str, sid: str, token: str, box: tuple[slice, slice], out: Arrivals,
+                stop: asyncio.Event) -> None:
+    import httpx
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+
+    async def pump(track: Any) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except Exception:
+                return
+            t = time.time()
+            if track.kind == "video":
+                gray = frame.to_ndarray(format="gray")
+                out.video.append((t, float(gray[box].mean()), frame.height))
+            else:
+                a = frame.to_ndarray().astype(np.float32)
+                out.audio.append((t, float(np.sqrt((a * a).mean()))))
+
+    tasks: list[asyncio.Task[None]] = []
+    pc.on("track", lambda track: tasks.append(asyncio.ensure_future(pump(track))))
+    await pc.setLocalDescription(await pc.createOffer())
+    async with httpx.AsyncClient(base_url=base) as http:
+        r = await http.post(f"/whep/{sid}", content=pc.localDescription.sdp,
+                            headers={"Authorization": f"Bearer {token}",
+                                     "Content-Type": "application/sdp"})
+        r.raise_for_status()
+        await pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
+        await stop.wait()
+        await http.delete(r.headers["location"], headers={"Authorization": f"Bearer {token}"})
+    for t in tasks:
+        t.cancel()
+    await pc.close()
+
+
+def _stream_speech(base: str, sid: str, token: str, pcm: np.ndarray, sr: int) -> float:
+    """Send one utterance in real time over the WebSocket; returns the send time of the
+    chunk holding its first non-silent sample."""
+    from websockets.sync.client import connect
+
+    url = base.replace("http", "ws", 1) + f"/v1/sessions/{sid}/ws?token={token}"
+    step = sr // 10
+    onset = int(np.argmax(np.abs(pcm) > 500))
+    sent_at = 0.0
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "audio_format", "sample_rate": sr, "purpose": "speech"}))
+        t0 = time.perf_counter()
+        for k in range(0, len(pcm), step):
+            delay = t0 + k / sr - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            ws.send(pcm[k:k + step].astype("<i2").tobytes())
+            if k <= onset < k + step:
+                sent_at = time.time()
+        ws.send(json.dumps({"type": "audio_end"}))
+    return sent_at
+
+
+def _onsets(series: list[tuple[float, float]], after: float, until: float,
+            threshold: float) -> float | None:
+    for t, v in series:
+        if after <= t <= until and v > threshold:
+            return t
+    return None
+
+
+def _mouth_series(video: list[tuple[float, float, int]]) -> tuple[list[tuple[float, float]], float]:
+    """Distance of the mouth box brightness from its idle level, and the detection threshold."""
+    levels = np.array([m for _, m, _ in video])
+    idle = float(np.median(levels))
+    spread = float(np.median(np.abs(levels - idle))) + 0.5
+    return [(t, abs(m - idle)) for t, m, _ in video], max(4.0, 6 * spread)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default="benchmarks/results/e2e.json")
+    p.add_argument("--utterances", type=int, default=8, help="per path (text, audio)")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--fps", type=int, default=25)
+    args = p.parse_args()
+
+    from backbone import broker
+    from backbone.runtime import provision_topics
+    from backbone.settings import Settings
+    from backbone.stages import PIPELINE
+    from gateway.client import AvatarClient
+    from processors.espeak import EspeakSynth
+
+    tmp = Path(tempfile.mkdtemp(prefix="e2e-"))
+    bs = dataclasses.replace(broker.BrokerSettings.from_env(), home=tmp / "kafka",
+                             port=_free_port(), controller_port=_free_port())
+    bootstrap = broker.start(bs)
+    procs: list[subprocess.Popen[bytes]] = []
+    result: dict[str, Any] = {"load_avg_1min_before": os.getloadavg()[0],
+                              "resolution": args.resolution, "fps": args.fps}
+    try:
+        settings = Settings(bus="kafka", bootstrap=bootstrap, topic_prefix="e2e.", partitions=2)
+        stages = tuple(dict.fromkeys(PIPELINE + ("align",)))
+        provision_topics(settings, stages)
+        port = _free_port()
+        env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": bootstrap,
+               "AVATAR_TOPIC_PREFIX": "e2e.", "AVATAR_PARTITIONS": "2", "PYTHONPATH": str(ROOT),
+               "AVATAR_API_KEYS": f"bench:{KEY}:integrator:1000",
+               "AVATAR_JWT_SECRET": "e2e-bench-secret-of-32-bytes-or-more",
+               "AVATAR_ICE_LOOPBACK": "1"}
+        for name in ("tts", "align", "animate", "render"):
+            procs.append(subprocess.Popen([sys.executable, "-m", "backbone.cli", "stage", name],
+                                          env=env, cwd=ROOT, stdout=open(tmp / f"{name}.log", "wb"),
+                                          stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "backbone.cli", "gateway", "--port",
+                                       str(port)], env=env, cwd=ROOT,
+                                      stdout=open(tmp / "gateway.log", "wb"),
+                                      stderr=subprocess.STDOUT))
+        base = f"http://127.0.0.1:{port}"
+        client = _wait_for_gateway(base)
+        session = client.create_session(resolution=args.resolution, fps=args.fps)
+        sid, token = session.session_id, client.token
+        time.sleep(8.0)  # stage groups join; the idle face starts streaming
+        arrivals = Arrivals()
+        box = _mouth_box(args.resolution)
+        loop = asyncio.new_event_loop()
+        stop = asyncio.Event()
+        viewer = threading.Thread(target=loop.run_until_complete,
+                                  args=(_view(base, sid, session.viewer_token or token, box,
+                                              arrivals, stop),), daemon=True)
+        viewer.start()
+        time.sleep(4.0)  # idle frames give the mouth's resting level
+
+        text_marks, audio_marks = [], []
+        for i in range(args.utterances):
+            t = time.time()
+            client.speak(sid, SENTENCES[i % len(SENTENCES)])
+            text_marks.append(t)
+            time.sleep(4.0)
+        synth = EspeakSynth()
+        synth.start()
+        for i in range(args.utterances):
+            # "Your own TTS": a voice tts does not use, phonemes found by align.
+            s = synth.synthesize(SENTENCES[i % len(SENTENCES)], voice="en-gb+f3", rate_wpm=170)
+            audio_marks.append(_stream_speech(base, sid, token, s.pcm, s.sample_rate))
+            time.sleep(2.0)
+        time.sleep(1.0)
+        loop.call_soon_threadsafe(stop.set)
+        viewer.join(15)
+        result |= _figures(arrivals, text_marks, audio_marks)
+        result |= _logged_offset(settings, sid, args.fps, box)
+        result["frames_at_viewer"] = len(arrivals.video)
+        result["viewer_fps"] = _fps(arrivals.video)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        broker.stop(bs)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    series = result.pop("_series")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(result, series, out.with_suffix(".png"))
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}, indent=2))
+
+
+def _wait_for_gateway(base: str) -> Any:
+    import httpx
+
+    from gateway.client import AvatarClient
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return AvatarClient(base, api_key=KEY)
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError("the gateway did not start")
+
+
+def _fps(video: list[tuple[float, float, int]]) -> float:
+    if len(video) < 2:
+        return 0.0
+    return (len(video) - 1) / (video[-1][0] - video[0][0])
+
+
+def _figures(arr: Arrivals, text_marks: list[float], audio_marks: list[float]) -> dict[str, Any]:
+    mouth, thr = _mouth_series(arr.video)
+    audio = arr.audio
+    text_lat, audio_lat, offsets = [], [], []
+    for marks, out in ((text_marks, text_lat), (audio_marks, audio_lat)):
+        for t in marks:
+            m = _onsets(mouth, t, t + 3.0, thr)
+            if m is not None:
+                out.append((m - t) * 1000)
+            a = _onsets(audio, t, t + 3.0, 300.0)
+            if m is not None and a is not None:
+                offsets.append((m - a) * 1000)
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return float(np.percentile(xs, q)) if xs else None
+
+    return {
+        "audio_to_frame_p50_ms": pct(audio_lat, 50), "audio_to_frame_p95_ms": pct(audio_lat, 95),
+        "audio_to_frame_p99_ms": pct(audio_lat, 99), "text_to_frame_p50_ms": pct(text_lat, 50),
+        "text_to_frame_p95_ms": pct(text_lat, 95),
+        "av_offset_ms": float(np.median(offsets)) if offsets else None,
+        "av_offsets_ms": offsets, "audio_to_frame_ms": audio_lat, "text_to_frame_ms": text_lat,
+        "utterances_detected": {"text": len(text_lat), "audio": len(audio_lat),
+                                "of": len(text_marks)},
+        "mouth_threshold": thr,
+        "_series": {"mouth": mouth, "audio": audio, "text": text_marks, "speech": audio_marks},
+    }
+
+
+def _logged_offset(settings: Any, sid: str, fps: int, box: tuple[slice, slice]) -> dict[str, Any]:
+    """The same onset detector on the log itself, in media time (no transport)."""
+    import av
+
+    from backbone.kafka_bus import KafkaBus
+    from replay.reader import read_session, session_audio, session_video
+
+    bus = KafkaBus(settings.bootstrap)
+    pcm, sr = session_audio(read_session(bus, settings, sid, "speech.audio"))
+    video = session_video(read_session(bus, settings, sid, "video"))
+    codec = av.CodecContext.create("h264", "r")
+    levels = []
+    for v in video:
+        for frame in codec.decode(av.Packet(v.data)):
+            levels.append((v.pts / fps, float(frame.to_ndarray(format="gray")[box].mean())))
+    mouth, thr = _mouth_series([(t, m, 0) for t, m in levels])
+    env = np.abs(pcm.astype(np.float32))
+    hop = sr // 100
+    rms = [(i / sr, float(env[i:i + hop].mean()) * 1.25) for i in range(0, len(env) - hop, hop)]
+    # Utterance onsets in media time: audio rising after at least 0.5 s of silence.
+    offsets, quiet_since = [], 0.0
+    for t, v in rms:
+        if v <= 300:
+            continue
+        if t - quiet_since >= 0.5:
+            m = _onsets(mouth, t - 0.3, t + 1.0, thr)
+            if m is not None:
+                offsets.append((m - t) * 1000)
+        quiet_since = t
+    return {"av_offset_log_ms": float(np.median(offsets)) if offsets else None,
+            "av_offsets_log_ms": offsets}
+
+
+def _plot(result: dict[str, Any], series: dict[str, Any], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6))
+    for key, label in (("text_to_frame_ms", "text -> frame"), ("audio_to_frame_ms", "audio -> frame")):
+        xs = sorted(result.get(key) or [])
+        if xs:
+            a1.plot(xs, np.linspace(0, 1, len(xs)), marker="o", label=label)
+    a1.axvline(200, color="red", ls="--", lw=1, label="200 ms target")
+    a1.set_xlabel("ms at the WebRTC viewer")
+    a1.set_ylabel("CDF")
+    a1.legend()
+    mouth = series["mouth"]
+    if mouth:
+        t0 = mouth[0][0]
+        a2.plot([t - t0 for t, _ in mouth], [v for _, v in mouth], lw=0.8, label="mouth change")
+        audio = series["audio"]
+        a2.plot([t - t0 for t, _ in audio], [v / 200 for _, v in audio], lw=0.5, alpha=0.6,
+                label="audio RMS / 200")
+        for t in series["text"]:
+            a2.axvline(t - t0, color="green", lw=0.8)
+        for t in series["speech"]:
+            a2.axvline(t - t0, color="purple", lw=0.8)
+        a2.set_xlabel("s (green: speak requests, purple: streamed speech onsets)")
+        a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
