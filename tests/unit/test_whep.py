@@ -143,3 +143,68 @@ def test_whep_needs_a_token_for_that_session(served):
                    headers={"Authorization": f"Bearer {b['viewer_token']}",
                             "Content-Type": "application/sdp"})
     assert r.status_code == 404
+
+
+class _Tone:
+    """A microphone for the test: 20 ms frames of a 300 Hz tone at 48 kHz."""
+
+    def __new__(cls):
+        import fractions
+
+        import av
+        from aiortc import MediaStreamTrack
+
+        class Tone(MediaStreamTrack):
+            kind = "audio"
+
+            def __init__(self):
+                super().__init__()
+                self.n = 0
+                self.t0 = None
+
+            async def recv(self):
+                if self.t0 is None:
+                    self.t0 = time.time()
+                wait = self.t0 + self.n / 48000 - time.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                x = np.sin((self.n + np.arange(960)) * 2 * np.pi * 300 / 48000) * 10000
+                frame = av.AudioFrame.from_ndarray(x.astype(np.int16)[None, :], format="s16",
+                                                   layout="mono")
+                frame.sample_rate = 48000
+                frame.pts = self.n
+                frame.time_base = fractions.Fraction(1, 48000)
+                self.n += 960
+                return frame
+
+        return Tone()
+
+
+def test_an_integrators_microphone_feeds_the_user_audio_topic(served):
+    from tests.support.bus_io import decode, read_all
+
+    base, gw, settings = served
+    tok, info = _session(base)
+    sid = info["session_id"]
+
+    async def talk():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver(_Tone(), direction="sendrecv")
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient() as client:
+            r = await client.post(f"{base}/whep/{sid}", content=pc.localDescription.sdp,
+                                  headers={"Authorization": f"Bearer {tok}",
+                                           "Content-Type": "application/sdp"})
+            assert r.status_code == 201, r.text
+            await pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
+            await asyncio.sleep(3.0)
+        await pc.close()
+
+    asyncio.run(talk())
+    chunks = [decode(m, "audio_chunk") for m in read_all(gw.bus, settings, "audio.in")]
+    assert chunks and all(c.sample_rate == 16000 and c.session_id == sid for c in chunks)
+    pcm = np.frombuffer(b"".join(c.data for c in chunks), "<i2").astype(float)
+    assert len(pcm) >= 16000  # over a second of it reached the topic
+    spectrum = np.abs(np.fft.rfft(pcm[-8000:]))
+    assert abs(np.argmax(spectrum) * 16000 / 8000 - 300) < 10  # and it is the tone
