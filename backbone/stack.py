@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,8 +35,10 @@ def up(run_dir: Path, foreground: bool = False) -> dict[str, int]:
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         pids[name] = proc.pid
         print(f"{name}: pid {proc.pid}, metrics http://127.0.0.1:{METRICS_BASE_PORT + i}/metrics")
+    pids["gateway"], url = _gateway(run_dir, bootstrap)
     (run_dir / "pids.json").write_text(json.dumps(pids))
     print(f"broker {bootstrap}; logs in {run_dir}; stop with `avatar down`")
+    print(f"demo page: {url}")
     if foreground:
         try:
             while True:
@@ -43,6 +46,32 @@ def up(run_dir: Path, foreground: bool = False) -> dict[str, int]:
         except KeyboardInterrupt:
             down(run_dir)
     return pids
+
+
+def _gateway(run_dir: Path, bootstrap: str) -> tuple[int, str]:
+    """The gateway with a demo key (the page's own token) unless keys are configured."""
+    secrets_file = run_dir / "gateway.secrets.json"
+    if secrets_file.exists():
+        secret = json.loads(secrets_file.read_text())
+    else:
+        secret = {"jwt": secrets.token_urlsafe(32), "demo_key": secrets.token_urlsafe(24)}
+        secrets_file.write_text(json.dumps(secret))
+        secrets_file.chmod(0o600)
+    demo_key = os.environ.get("AVATAR_DEMO_KEY") or secret["demo_key"]
+    keys = os.environ.get("AVATAR_API_KEYS") or f"demo:{demo_key}:integrator+auditor"
+    host = os.environ.get("AVATAR_GATEWAY_HOST", "127.0.0.1")
+    port = os.environ.get("AVATAR_GATEWAY_PORT", "8080")
+    env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": bootstrap,
+           "AVATAR_API_KEYS": keys, "AVATAR_DEMO_KEY": demo_key,
+           "AVATAR_JWT_SECRET": os.environ.get("AVATAR_JWT_SECRET") or secret["jwt"],
+           "AVATAR_ICE_LOOPBACK": os.environ.get("AVATAR_ICE_LOOPBACK", "1" if host == "127.0.0.1"
+                                                 else "0")}
+    logf = open(run_dir / "gateway.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "backbone.cli", "gateway", "--host", host,
+                             "--port", port], env=env, stdout=logf, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    print(f"gateway: pid {proc.pid}, metrics http://{host}:{port}/metrics")
+    return proc.pid, f"http://{host}:{port}/"
 
 
 def down(run_dir: Path, stop_broker: bool = True, timeout_s: float = 20.0) -> None:
