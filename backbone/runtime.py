@@ -177,11 +177,14 @@ class StageRunner:
 
     # ---- records -----------------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Message, ahead: bool = False) -> None:
+        """Apply one record. `ahead`: a control record read before the consumer reached it
+        (it must not move the partition's commit position past other sessions' records)."""
         logical = self._logical.get(msg.topic, msg.topic)
-        metrics.RECORDS_IN.labels(self.name, logical).inc()
-        self.processed += 1
-        self._next_offsets[(msg.topic, msg.partition)] = msg.offset + 1
+        if not ahead:
+            metrics.RECORDS_IN.labels(self.name, logical).inc()
+            self.processed += 1
+            self._next_offsets[(msg.topic, msg.partition)] = msg.offset + 1
         hdr = RecordHeaders.decode(msg)
         session = (msg.key or b"").decode("utf-8", "replace")
         if msg.value is not None and len(msg.value) > self.settings.max_record_bytes:
@@ -213,6 +216,11 @@ class StageRunner:
             self._dirty.add(session)
             return
         is_control = isinstance(value, SessionControl)
+        if is_control:
+            state.controls_read = True
+        elif not state.controls_read and "session.control" in self.stage.inputs:
+            state.controls_read = True
+            self._read_controls_ahead(session, state)
         if state.ended and not is_control:
             self._dead_letter(msg, hdr, "unknown_session", f"session {session} has ended")
             self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
@@ -259,6 +267,26 @@ class StageRunner:
                                                      "error": traceback.format_exc(limit=5)})
                 metrics.TICK_ERRORS.labels(self.name).inc()
             self._dirty.add(session)
+
+    def _read_controls_ahead(self, session: str, state: SessionState) -> None:
+        """Data for a session arrived before any of its control records: apply the control
+        records already on the log first (a CREATE carries the config the data needs). They
+        are skipped as already applied when the consumer reaches them."""
+        topic = self._physical["session.control"]
+        try:
+            partition = self.admin.partitions_for(session.encode(), topic)
+            start = self._next_offsets.get((topic, partition))
+            if start is None:
+                got = self.consumer.committed([TopicPartition(topic, partition)])
+                start = max(0, got[0].offset) if got else 0
+            ahead = [m for m in self.admin.read(topic, partition, start)
+                     if m.key == session.encode()]
+        except BusError as exc:
+            log.warning("control records not read ahead", extra={
+                "stage": self.name, "session": session, "error": str(exc)})
+            return
+        for m in ahead:
+            self._handle(m, ahead=True)
 
     def _mark_applied(self, state: SessionState, tp_key: str, msg: Message, dedupe_key: str,
                       hdr: RecordHeaders) -> None:

@@ -59,15 +59,20 @@ class SessionState:
     next_seq: dict[str, int] = field(default_factory=dict)  # output topic -> next seq
     applied: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> offset applied
     ended: bool = False
+    # The session's control records were looked for before its first data record (a CREATE
+    # on its own partition can be fetched after the data that follows it).
+    controls_read: bool = False
 
     def snapshot(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "data": self.data, "last_seq": self.last_seq,
-                "next_seq": self.next_seq, "applied": self.applied, "ended": self.ended}
+                "next_seq": self.next_seq, "applied": self.applied, "ended": self.ended,
+                "controls_read": self.controls_read}
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> SessionState:
         return cls(snap["session_id"], dict(snap["data"]), {}, dict(snap["last_seq"]),
-                   dict(snap["next_seq"]), dict(snap["applied"]), bool(snap["ended"]))
+                   dict(snap["next_seq"]), dict(snap["applied"]), bool(snap["ended"]),
+                   bool(snap.get("controls_read", False)))
 
 
 class Stage(Protocol):

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 
-from backbone.records import ReplyText, Transcript
+from backbone.records import ReplyText, SessionConfig, SessionControl, Transcript
 from backbone.stage import BaseStage, Outbound
 from backbone.runtime import StageRunner, provision_topics
 from backbone.settings import Settings
@@ -163,3 +163,34 @@ def test_a_clocked_stage_ticks_only_when_live(settings, live):
         assert [decode(m, "reply_text").text for m in read_all(bus, settings, "reply")] == ["tick"]
     else:
         assert stage.ticks == [] and read_all(bus, settings, "reply") == []
+
+
+class _ConfigSeen(BaseStage):
+    name = "dialogue"
+    inputs = ("session.control", "transcript")
+
+    def __init__(self):
+        self.seen: list[int] = []
+        self.controls = 0
+
+    def process(self, record, state):
+        from backbone.stage import remember_control, session_config
+        if isinstance(record.value, SessionControl):
+            self.controls += 1
+            remember_control(record.value, state)
+        else:
+            self.seen.append(session_config(state).fps)
+        return []
+
+
+def test_a_create_fetched_after_its_sessions_data_is_applied_first(settings):
+    bus = settings.open_bus()
+    # The data is on the log before the CREATE is read: the consumer meets it first.
+    send(bus, settings, "transcript", Transcript("s1", "hi"), seq=0)
+    send(bus, settings, "session.control",
+         SessionControl("s1", "CREATE", SessionConfig(fps=50)), seq=0)
+    send(bus, settings, "transcript", Transcript("s1", "again"), seq=1)
+    stage = _ConfigSeen()
+    StageRunner(stage, settings).run(idle_exit_s=0.2)
+    assert stage.seen == [50, 50]
+    assert stage.controls == 1  # read ahead once, skipped when the consumer got to it
