@@ -6,6 +6,7 @@ outputs, and never lets a token see a session that is not its own.
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from typing import Annotated, Any, AsyncIterator, Literal
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, Field
@@ -233,6 +235,11 @@ def create_app(gw: Gateway) -> FastAPI:
                               "or WebRTC (WHEP).")
     app.state.gateway = gw
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # Pages on other origins may call the API: tokens travel in headers, never cookies, so
+    # no ambient credential is exposed. WHEP clients must read Location.
+    origins = [o.strip() for o in os.environ.get("AVATAR_CORS_ORIGINS", "*").split(",") if o]
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
+                       allow_methods=["*"], allow_headers=["*"], expose_headers=["Location"])
 
     @app.exception_handler(AuthError)
     async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:

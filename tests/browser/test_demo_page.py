@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,3 +129,38 @@ def test_the_demo_page_shows_the_avatar_speaking(stack):
         assert shot.stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_the_js_sdk_example_runs_as_written_from_another_origin(stack, tmp_path):
+    """The README's HTML example, served by a plain file server on another port."""
+    import functools
+    import http.server
+
+    from tests.support.readme import example
+
+    base, _ = stack
+    page = example("### JS SDK", "html").replace("http://127.0.0.1:8080", base) \
+        .replace("my-api-key", DEMO_KEY)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text(f"<!doctype html><html><body>{page}</body></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    browser = _chrome()
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/index.html")
+        deadline = time.monotonic() + 60
+        played = 0.0
+        while time.monotonic() < deadline and played < 2.0:
+            played = browser.execute_script(
+                "const v = document.getElementById('v'); return v ? v.currentTime : 0") or 0.0
+            time.sleep(0.2)
+        logs = browser.get_log("browser") if hasattr(browser, "get_log") else []
+        assert played >= 2.0, logs
+        width = browser.execute_script("return document.getElementById('v').videoWidth")
+        assert width == 512
+    finally:
+        browser.quit()
+        server.shutdown()
