@@ -7,11 +7,15 @@ processes; this process is the integrator and the viewer (aiortc over WHEP on lo
 - audio_to_frame: the integrator streams its own speech over the WebSocket in real time
   (100 ms chunks, phonemes found by align); the chunk holding an utterance's onset leaves
   -> the first frame at the viewer whose mouth has moved.
-- av_offset: at the viewer, mouth onset minus audio onset per utterance (median). The same
-  detector run on the logged media (video records vs speech samples, in media time) gives
-  `av_offset_log_ms`: the offset the pipeline wrote, against which transport adds its part.
+- av_offset: the lag that best aligns the mouth's movement with the speech envelope
+  (cross-correlation over each utterance, median), at the viewer minus the same measure on
+  the logged media in media time: what delivery did to the sync the pipeline wrote. The
+  raw viewer and log lags are in the JSON too (the mouth leads the sound by design: lips
+  open before a vowel is loud).
 Mouth movement is read from pixels: the mean brightness of the inner-mouth box (from the
-portrait's landmarks) leaving its idle range.
+portrait's landmarks) against its idle level. The viewer is aiortc with its audio jitter
+buffer's fixed 4-packet prefetch off (a browser adapts its buffer to the network; on
+loopback that is near zero); video is not buffered by aiortc.
 
     python benchmarks/e2e.py --json benchmarks/results/e2e.json
 """
@@ -67,9 +71,13 @@ def _mouth_box(size: int) -> tuple[slice, slice]:
 
 async def _view(base: str, sid: str, token: str, box: tuple[slice, slice], out: Arrivals,
                 stop: asyncio.Event) -> None:
+    import aiortc.rtcrtpreceiver as receiver
     import httpx
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
+    base_buffer = receiver.JitterBuffer
+    receiver.JitterBuffer = lambda capacity, prefetch=0, is_video=False: base_buffer(  # type: ignore
+        capacity, 0, is_video)
     pc = RTCPeerConnection()
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -133,6 +141,28 @@ def _onsets(series: list[tuple[float, float]], after: float, until: float,
         if after <= t <= until and v > threshold:
             return t
     return None
+
+
+XCORR_HZ = 100  # both signals on a 10 ms grid
+MAX_LAG_S = 0.3
+
+
+def _lag_ms(mouth: list[tuple[float, float]], audio: list[tuple[float, float]], start: float,
+            end: float) -> float | None:
+    """Lag (ms) that best aligns mouth movement after the speech envelope: positive when
+    the mouth moves after the sound."""
+    grid = np.arange(start, end, 1 / XCORR_HZ)
+    if len(grid) < 50 or len(mouth) < 10 or len(audio) < 10:
+        return None
+    m = np.interp(grid, [t for t, _ in mouth], [v for _, v in mouth])
+    a = np.interp(grid, [t for t, _ in audio], [v for _, v in audio])
+    m, a = m - m.mean(), a - a.mean()
+    if m.std() < 1e-6 or a.std() < 1e-6:
+        return None
+    lags = range(-int(MAX_LAG_S * XCORR_HZ), int(MAX_LAG_S * XCORR_HZ) + 1)
+    scores = [float(np.dot(m[max(0, k):len(m) + min(0, k)], a[max(0, -k):len(a) - max(0, k)]))
+              for k in lags]
+    return float(list(lags)[int(np.argmax(scores))] * 1000 / XCORR_HZ)
 
 
 def _mouth_series(video: list[tuple[float, float, int]]) -> tuple[list[tuple[float, float]], float]:
@@ -216,6 +246,8 @@ def main() -> None:
         viewer.join(15)
         result |= _figures(arrivals, text_marks, audio_marks)
         result |= _logged_offset(settings, sid, args.fps, box)
+        if result["av_offset_viewer_ms"] is not None and result["av_offset_log_ms"] is not None:
+            result["av_offset_ms"] = result["av_offset_viewer_ms"] - result["av_offset_log_ms"]
         result["frames_at_viewer"] = len(arrivals.video)
         result["viewer_fps"] = _fps(arrivals.video)
     finally:
@@ -266,8 +298,10 @@ def _figures(arr: Arrivals, text_marks: list[float], audio_marks: list[float]) -
             if m is not None:
                 out.append((m - t) * 1000)
             a = _onsets(audio, t, t + 3.0, 300.0)
-            if m is not None and a is not None:
-                offsets.append((m - a) * 1000)
+            if a is not None:
+                lag = _lag_ms(mouth, audio, a - 0.5, a + 2.5)
+                if lag is not None:
+                    offsets.append(lag)
 
     def pct(xs: list[float], q: float) -> float | None:
         return float(np.percentile(xs, q)) if xs else None
@@ -276,8 +310,8 @@ def _figures(arr: Arrivals, text_marks: list[float], audio_marks: list[float]) -
         "audio_to_frame_p50_ms": pct(audio_lat, 50), "audio_to_frame_p95_ms": pct(audio_lat, 95),
         "audio_to_frame_p99_ms": pct(audio_lat, 99), "text_to_frame_p50_ms": pct(text_lat, 50),
         "text_to_frame_p95_ms": pct(text_lat, 95),
-        "av_offset_ms": float(np.median(offsets)) if offsets else None,
-        "av_offsets_ms": offsets, "audio_to_frame_ms": audio_lat, "text_to_frame_ms": text_lat,
+        "av_offset_viewer_ms": float(np.median(offsets)) if offsets else None,
+        "av_offsets_viewer_ms": offsets, "audio_to_frame_ms": audio_lat, "text_to_frame_ms": text_lat,
         "utterances_detected": {"text": len(text_lat), "audio": len(audio_lat),
                                 "of": len(text_marks)},
         "mouth_threshold": thr,
@@ -310,9 +344,9 @@ def _logged_offset(settings: Any, sid: str, fps: int, box: tuple[slice, slice]) 
         if v <= 300:
             continue
         if t - quiet_since >= 0.5:
-            m = _onsets(mouth, t - 0.3, t + 1.0, thr)
-            if m is not None:
-                offsets.append((m - t) * 1000)
+            lag = _lag_ms(mouth, rms, t - 0.5, t + 2.5)
+            if lag is not None:
+                offsets.append(lag)
         quiet_since = t
     return {"av_offset_log_ms": float(np.median(offsets)) if offsets else None,
             "av_offsets_log_ms": offsets}
