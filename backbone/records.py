@@ -30,6 +30,7 @@ class SessionConfig:
     dialogue: str = "echo"
     seed: int = 0
     consent: Mapping[str, str] = field(default_factory=dict)
+    owner: str = ""  # the API key *name* that created the session (who may drive it)
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -37,7 +38,7 @@ class SessionConfig:
             "rate_wpm": self.rate_wpm, "pitch": self.pitch, "fps": self.fps,
             "resolution": self.resolution, "emotion": self.emotion,
             "intensity": self.intensity, "dialogue": self.dialogue, "seed": self.seed,
-            "consent": dict(self.consent),
+            "consent": dict(self.consent), "owner": self.owner,
         }
 
     @classmethod

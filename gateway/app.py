@@ -150,7 +150,36 @@ class Gateway:
 
     def start(self) -> None:
         self._producer = self.bus.producer()
+        self.hub.on_control = self._learn
         self.hub.start()
+        self._rebuild()
+
+    def _learn(self, value: SessionControl, hdr: RecordHeaders) -> None:
+        """A control record from the log (this or another gateway instance wrote it)."""
+        s = self.sessions.get(value.session_id)
+        if value.action == "CREATE" and value.config is not None and s is None:
+            self.sessions[value.session_id] = _Session(
+                value.session_id, value.config.owner, value.config,
+                hdr.event_time_ms or now_ms())
+        elif value.action == "END" and s is not None:
+            s.ended = True
+
+    def _rebuild(self) -> None:
+        """The session table from the control log: a restarted gateway still knows every
+        session and who owns it, so clients reconnect to the same session."""
+        admin = self.bus.admin()
+        topic = self.settings.topic("session.control")
+        t0 = time.monotonic()
+        for p in range(admin.list_topics().get(topic, 0)):
+            for m in admin.read(topic, p):
+                try:
+                    value = self.codec.decode(m.value, "session_control")
+                except Exception:
+                    continue
+                if isinstance(value, SessionControl):
+                    self._learn(value, RecordHeaders.decode(m))
+        log.info("session table rebuilt", extra={"sessions": len(self.sessions),
+                                                 "seconds": round(time.monotonic() - t0, 3)})
 
     def stop(self) -> None:
         for push in list(self.pushes.values()):
@@ -339,7 +368,7 @@ def create_app(gw: Gateway) -> FastAPI:
         if body.portrait not in portrait_names():
             raise HTTPException(422, f"unknown portrait {body.portrait!r}")
         sid = f"s-{uuid.uuid4().hex}"
-        cfg = SessionConfig(**body.model_dump())
+        cfg = SessionConfig(**body.model_dump(), owner=claims.subject)
         s = _Session(sid, claims.subject, cfg, now_ms())
         gw.sessions[sid] = s
         # The CREATE's event time is the session media clock's origin for every stage.

@@ -11,13 +11,13 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import Counter
 
 from backbone.bus import Bus, BusError
 from backbone.codec import AvroCodec, DecodeError
-from backbone.records import RecordValue
+from backbone.records import RecordValue, SessionControl
 from backbone.settings import Settings
 from backbone.topics import TOPICS
 from backbone.tracing import RecordHeaders
@@ -83,12 +83,15 @@ class SessionHub:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._logical = {settings.topic(t): t for t in STREAMED}
+        self._logical = {settings.topic(t): t for t in STREAMED + ("session.control",)}
         self.ready = threading.Event()
+        # Every control record of every session, subscribed or not (the gateway's session
+        # table follows sessions created through any gateway instance).
+        self.on_control: Callable[[SessionControl, RecordHeaders], None] | None = None
 
     def start(self) -> None:
         bus = self._bus or self.settings.open_bus()
-        tail = bus.tail([self.settings.topic(t) for t in STREAMED])
+        tail = bus.tail([self.settings.topic(t) for t in STREAMED + ("session.control",)])
         self._thread = threading.Thread(target=self._run, args=(tail,), name="session-hub",
                                         daemon=True)
         self._thread.start()
@@ -115,6 +118,16 @@ class SessionHub:
             if not subs:
                 self._subs.pop(sub.session_id, None)
 
+    def _control(self, m: Any) -> None:
+        if self.on_control is None:
+            return
+        try:
+            value = self._codec.decode(m.value, TOPICS["session.control"].schema)
+        except DecodeError:
+            return
+        if isinstance(value, SessionControl):
+            self.on_control(value, RecordHeaders.decode(m))
+
     def _run(self, tail: Any) -> None:
         try:
             while not self._stop.is_set():
@@ -128,6 +141,9 @@ class SessionHub:
                 if m is None or m.key is None:
                     continue
                 session = m.key.decode("utf-8", "replace")
+                if m.topic == self.settings.topic("session.control"):
+                    self._control(m)
+                    continue
                 with self._lock:
                     subs = list(self._subs.get(session, ()))
                 if not subs:

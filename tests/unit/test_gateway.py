@@ -293,3 +293,26 @@ def test_a_websocket_without_a_valid_token_is_closed(env):
         with client.websocket_connect(f"/v1/sessions/{sid}/ws?token=nope") as ws:
             ws.receive_text()
     assert exc.value.code == 4401
+
+
+def test_a_restarted_gateway_still_knows_every_session_and_its_owner(env):
+    client, gw, settings = env
+    tok = token(client)
+    sid = new_session(client, tok)["session_id"]
+    ended = new_session(client, tok)["session_id"]
+    client.delete(f"/v1/sessions/{ended}", headers=auth(tok))
+    again = Gateway(settings, Auth("test-secret-of-thirty-two-bytes-at-least",
+                                   parse_api_keys(KEYS, 20.0)))
+    with TestClient(create_app(again)) as other:
+        assert other.post(f"/v1/sessions/{sid}/speak", json={"text": "Still here."},
+                          headers=auth(tok)).status_code == 202
+        assert other.get(f"/v1/sessions/{ended}", headers=auth(tok)).json()["state"] == "ended"
+        theirs = token(other, "other-secret-key")
+        assert other.get(f"/v1/sessions/{sid}", headers=auth(theirs)).status_code == 404
+        # A session created on the first instance from now on is known to the second.
+        fresh = new_session(client, tok)["session_id"]
+        for _ in range(50):
+            if fresh in again.sessions:
+                break
+            time.sleep(0.05)
+        assert other.get(f"/v1/sessions/{fresh}", headers=auth(tok)).status_code == 200
