@@ -120,8 +120,9 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         loopback_only()  # one machine: WebRTC media stays on 127.0.0.1
     gw = Gateway(settings, auth.from_env(), demo_key=os.environ.get("AVATAR_DEMO_KEY", ""))
     print(f"gateway on http://{args.host}:{args.port}/", flush=True)
+    # Open WebSockets and WebRTC peers get 5 s to close on SIGTERM, then the process exits.
     uvicorn.run(create_app(gw), host=args.host, port=args.port, log_level="warning",
-                ws_max_size=1 << 20)
+                ws_max_size=1 << 20, timeout_graceful_shutdown=5)
     return 0
 
 

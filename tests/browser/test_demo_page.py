@@ -19,9 +19,11 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from backbone.kafka_bus import KafkaBus
 from backbone.runtime import provision_topics
 from backbone.settings import Settings
 from backbone.stages import PIPELINE
+from replay.reader import read_session
 from tests.integration.stage_procs import ROOT, StageProcess
 
 pytestmark = pytest.mark.kafka
@@ -79,17 +81,21 @@ def stack(kafka_bootstrap, unique_name, tmp_path):
     else:
         raise AssertionError((tmp_path / "gateway.log").read_text())
     try:
-        yield base, tmp_path
+        yield base, tmp_path, kafka_bootstrap, settings.topic_prefix
     finally:
         gateway.terminate()
-        gateway.wait(20)
+        try:
+            gateway.wait(20)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            raise AssertionError("the gateway did not stop within 20 s of SIGTERM")
         log.close()
         for p in procs:
             p.terminate()
 
 
 def test_the_demo_page_shows_the_avatar_speaking(stack):
-    base, tmp_path = stack
+    base, tmp_path, kafka, prefix = stack
     browser = _chrome()
     try:
         browser.get(base + "/")
@@ -127,6 +133,17 @@ def test_the_demo_page_shows_the_avatar_speaking(stack):
             SHOTS.mkdir(exist_ok=True)
             shutil.copy(shot, SHOTS / "demo_page.png")
         assert shot.stat().st_size > 10_000
+        # The microphone (Chromium's fake device: a beep) reaches the user-audio topic.
+        browser.find_element(By.ID, "mic").click()
+        sid = browser.execute_script("return window.avatarDemo.session")
+        settings = Settings(bus="kafka", bootstrap=kafka, topic_prefix=prefix)
+        deadline = time.monotonic() + 30
+        heard = 0
+        while time.monotonic() < deadline and heard < 16000:
+            heard = sum(len(r.value.data) // 2 for r in read_session(
+                KafkaBus(kafka), settings, sid, "audio.in"))
+            time.sleep(0.5)
+        assert heard >= 16000, heard  # a second of microphone audio at 16 kHz
     finally:
         browser.quit()
 
@@ -138,7 +155,7 @@ def test_the_js_sdk_example_runs_as_written_from_another_origin(stack, tmp_path)
 
     from tests.support.readme import example
 
-    base, _ = stack
+    base = stack[0]
     page = example("### JS SDK", "html").replace("http://127.0.0.1:8080", base) \
         .replace("my-api-key", DEMO_KEY)
     site = tmp_path / "site"
