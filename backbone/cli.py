@@ -126,6 +126,29 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from backbone import integrity
+    from backbone.settings import Settings
+    from replay.verify import verify_session
+
+    settings = Settings.from_env()
+    bus = settings.open_bus()
+    if args.action == "verify":
+        key = bytes.fromhex(args.session_key) if args.session_key else \
+            integrity.session_key(args.session)
+        report = verify_session(bus, settings, args.session, key)
+        if report.records == 0:
+            print(f"avatar replay verify: no records of session {args.session!r} on "
+                  f"{settings.bus} (topics {settings.topic_prefix}*)", file=sys.stderr)
+            return 2
+        print(report.text())
+        return 0 if report.ok else 1
+    if args.action == "key":
+        print(integrity.session_key(args.session).hex())
+        return 0
+    return 2
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from backbone.stack import up
 
@@ -183,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default=os.environ.get("AVATAR_GATEWAY_HOST", "127.0.0.1"))
     g.add_argument("--port", type=int, default=int(os.environ.get("AVATAR_GATEWAY_PORT", "8080")))
     g.set_defaults(fn=_cmd_gateway)
+
+    r = sub.add_parser("replay", help="auditor tools over a session's log")
+    r.add_argument("action", choices=["verify", "key"],
+                   help="verify: check every integrity link and name tampered records; "
+                        "key: print the session's verification key (give it to an auditor)")
+    r.add_argument("session")
+    r.add_argument("--session-key", default="", help="hex key from `replay key` (default: "
+                   "derived from AVATAR_INTEGRITY_KEY)")
+    r.set_defaults(fn=_cmd_replay)
 
     u = sub.add_parser("up", help="broker, topics and every stage as its own process")
     u.add_argument("--run-dir", default="avatar-data/run")

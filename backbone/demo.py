@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+from backbone import integrity
 from backbone.codec import AvroCodec
 from backbone.records import ReplyText, SessionConfig, SessionControl, SpeechChunk
 from backbone.runtime import StageRunner, provision_topics
@@ -22,6 +23,7 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
     bus = settings.open_bus()
     codec = AvroCodec(registry_url=settings.schema_registry_url)
     producer = bus.producer()
+    chains = integrity.Chains()
     trace = new_traceparent()
     t = now_ms()
     first: list[tuple[str, SessionControl | ReplyText]] = [
@@ -30,9 +32,12 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
     ]
     for seq, (topic, value) in enumerate(first):
         physical = settings.topic(topic)
-        headers = RecordHeaders(session_id, seq if topic == "session.control" else 0, trace, t,
-                                "gateway", "demo", value.SCHEMA).encode()
-        producer.produce(physical, session_id.encode(), codec.encode(value, physical), headers)
+        seq = seq if topic == "session.control" else 0
+        headers = RecordHeaders(session_id, seq, trace, t, "gateway", "demo",
+                                value.SCHEMA).encode()
+        payload = codec.encode(value, physical)
+        headers += chains.next(session_id, topic, "gateway", seq, payload)
+        producer.produce(physical, session_id.encode(), payload, headers)
     if producer.flush(30) != 0:
         raise RuntimeError("the bus did not acknowledge the session's first records")
 
@@ -80,6 +85,7 @@ def send_audio_session(settings: Settings, session_id: str, pcm: bytes, sample_r
     bus = settings.open_bus()
     codec = AvroCodec(registry_url=settings.schema_registry_url)
     producer = bus.producer()
+    chains = integrity.Chains()
     trace = new_traceparent()
     t = now_ms()
     step = sample_rate // 10 * 2  # 100 ms chunks, as tts sends them
@@ -97,7 +103,9 @@ def send_audio_session(settings: Settings, session_id: str, pcm: bytes, sample_r
         seqs[topic] = seq + 1
         headers = RecordHeaders(session_id, seq, trace, t, "gateway", "demo",
                                 value.SCHEMA).encode()
-        producer.produce(physical, session_id.encode(), codec.encode(value, physical), headers)
+        payload = codec.encode(value, physical)
+        headers += chains.next(session_id, topic, "gateway", seq, payload)
+        producer.produce(physical, session_id.encode(), payload, headers)
     if producer.flush(30) != 0:
         raise RuntimeError("the bus did not acknowledge the session's records")
 

@@ -296,10 +296,39 @@ class DeadLetter:
                    d["timestamp_ms"])
 
 
+@dataclass(frozen=True)
+class ChainHead:
+    topic: str
+    seq: int
+    link: str  # hex
+
+
+@dataclass(frozen=True)
+class IntegrityCheckpoint:
+    """A producer's chain heads for one session (see backbone/integrity.py)."""
+
+    SCHEMA: ClassVar[str] = "integrity_checkpoint"
+    session_id: str
+    stage: str
+    heads: tuple[ChainHead, ...]
+    time_ms: int
+
+    def to_avro(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "stage": self.stage, "time_ms": self.time_ms,
+                "heads": [{"topic": h.topic, "seq": h.seq, "link": h.link} for h in self.heads]}
+
+    @classmethod
+    def from_avro(cls, d: Mapping[str, Any]) -> IntegrityCheckpoint:
+        return cls(d["session_id"], d["stage"],
+                   tuple(ChainHead(h["topic"], h["seq"], h["link"]) for h in d["heads"]),
+                   d["time_ms"])
+
+
 RecordValue = (SessionControl | AudioChunk | Transcript | ReplyText | SpeechChunk
-               | PhonemeSpans | MotionFrames | VideoChunk | DeadLetter)
+               | PhonemeSpans | MotionFrames | VideoChunk | DeadLetter | IntegrityCheckpoint)
 
 RECORD_TYPES: dict[str, type[Any]] = {
     c.SCHEMA: c for c in (SessionControl, AudioChunk, Transcript, ReplyText, SpeechChunk,
-                          PhonemeSpans, MotionFrames, VideoChunk, DeadLetter)
+                          PhonemeSpans, MotionFrames, VideoChunk, DeadLetter,
+                          IntegrityCheckpoint)
 }

@@ -21,13 +21,20 @@ from typing import Any, Sequence
 from backbone import metrics
 from backbone.bus import Bus, BusAdmin, BusConsumer, BusError, BusProducer, Message, TopicPartition
 from backbone.codec import AvroCodec, DecodeError
-from backbone.records import DeadLetter, RecordValue, SessionControl
+from backbone import integrity
+from backbone.integrity import GENESIS
+from backbone.records import ChainHead, DeadLetter, IntegrityCheckpoint, RecordValue, SessionControl
 from backbone.settings import Settings
 from backbone.stage import Inbound, Outbound, RecordRejected, SessionState, Stage
 from backbone.topics import TOPICS, state_topic
 from backbone.tracing import RecordHeaders, child_traceparent, new_traceparent, now_ms
 
 log = logging.getLogger("avatar.runtime")
+
+
+# Chain heads are checkpointed at most this often per session (and when it ends): what a
+# deletion from a chain's end can hide is at most this much of the session.
+AUDIT_INTERVAL_MS = 2000
 
 
 class StageFailed(RuntimeError):
@@ -84,6 +91,9 @@ class StageRunner:
         if hasattr(stage, "live"):
             stage.live = settings.live
         self._tick_due = 0.0
+        self._chains = integrity.Chains()
+        self._unaudited: set[str] = set()  # sessions with outputs after their last checkpoint
+        self._audit_due = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -155,6 +165,8 @@ class StageRunner:
             # before its clock moves on without them (idle frames past unread speech).
             self._tick()
         self.producer.poll(0)
+        if self._unaudited and time.monotonic() >= self._audit_due:
+            self._audit_all()
         self._drive_checkpoint()
         if self.bus.name != "kafka" and time.monotonic() >= self._lag_due:
             self._embedded_lag()
@@ -166,6 +178,7 @@ class StageRunner:
         self._started = False
         try:
             if self._failure is None:
+                self._audit_all()
                 self.checkpoint_now()
         finally:
             try:
@@ -244,6 +257,7 @@ class StageRunner:
         metrics.PROCESS_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
         if isinstance(value, SessionControl) and value.action == "END":
             state.ended = True
+            self._audit(session, state, inbound)  # the final heads of an ended session
         self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
 
     def _tick(self) -> None:
@@ -309,11 +323,42 @@ class StageRunner:
             event_time, self.name, self.stage.model_version, out.value.SCHEMA).encode()
         assert self._codec is not None
         payload = self._codec.encode(out.value, topic)
-        self._produce(topic, session.encode(), payload, headers)
+        prev = bytes.fromhex(state.chains[out.topic]) if out.topic in state.chains else GENESIS
+        new_link, link_headers = integrity.headers(self._chains.key(session), prev, out.topic,
+                                                   self.name, seq, payload)
+        state.chains[out.topic] = new_link.hex()
+        self._produce(topic, session.encode(), payload, headers + link_headers)
         metrics.RECORDS_OUT.labels(self.name, out.topic).inc()
+        if out.topic != "audit":
+            self._unaudited.add(session)
+            if now_ms() - state.audited_ms >= AUDIT_INTERVAL_MS:
+                self._audit(session, state, cause)
         if event_time:
             metrics.E2E_LATENCY.labels(self.name).observe(
                 max(0.0, (now_ms() - event_time) / 1000.0))
+
+    def _audit(self, session: str, state: SessionState, cause: Inbound) -> None:
+        """Checkpoint this session's chain heads on the audit topic (itself chained): a
+        verifier then notices records deleted from the end of a chain."""
+        state.audited_ms = now_ms()
+        self._unaudited.discard(session)
+        heads = tuple(ChainHead(t, state.next_seq.get(t, 0) - 1, h)
+                      for t, h in sorted(state.chains.items()) if t != "audit")
+        if heads:
+            self._emit(Outbound("audit", IntegrityCheckpoint(session, self.name, heads,
+                                                             state.audited_ms)),
+                       session, state, cause)
+
+    def _audit_all(self) -> None:
+        """Checkpoint the chain heads of every session written to since its last one (on a
+        quiet stream, and before the process stops)."""
+        self._audit_due = time.monotonic() + AUDIT_INTERVAL_MS / 1000
+        for session in list(self._unaudited):
+            state = self.states.get(session)
+            if state is None:
+                self._unaudited.discard(session)
+                continue
+            self._audit(session, state, Inbound("audit", session, SessionControl(session, "END")))
 
     def _produce(self, topic: str, key: bytes | None, value: bytes,
                  headers: tuple[tuple[str, bytes], ...]) -> None:
@@ -377,6 +422,7 @@ class StageRunner:
 
     def _on_revoke(self, parts: Sequence[TopicPartition]) -> None:
         if self._failure is None:
+            self._audit_all()
             self.checkpoint_now()
         gone = {tp.partition for tp in parts}
         for session in [s for s, p in self._session_partition.items() if p in gone]:

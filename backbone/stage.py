@@ -62,17 +62,21 @@ class SessionState:
     # The session's control records were looked for before its first data record (a CREATE
     # on its own partition can be fetched after the data that follows it).
     controls_read: bool = False
+    chains: dict[str, str] = field(default_factory=dict)  # output topic -> last link (hex)
+    audited_ms: int = 0  # when this session's chain heads were last checkpointed
 
     def snapshot(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "data": self.data, "last_seq": self.last_seq,
                 "next_seq": self.next_seq, "applied": self.applied, "ended": self.ended,
-                "controls_read": self.controls_read}
+                "controls_read": self.controls_read, "chains": self.chains,
+                "audited_ms": self.audited_ms}
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> SessionState:
         return cls(snap["session_id"], dict(snap["data"]), {}, dict(snap["last_seq"]),
                    dict(snap["next_seq"]), dict(snap["applied"]), bool(snap["ended"]),
-                   bool(snap.get("controls_read", False)))
+                   bool(snap.get("controls_read", False)), dict(snap.get("chains", {})),
+                   int(snap.get("audited_ms", 0)))
 
 
 class Stage(Protocol):

@@ -33,6 +33,8 @@ TOPICS: Final[dict[str, TopicSpec]] = {t.name: t for t in (
     TopicSpec("video", "video_chunk", 30 * DAY_MS, "encoded video access units as streamed"),
     TopicSpec("deadletter", "dead_letter", 30 * DAY_MS,
               "records a stage could not use, with reason and original bytes"),
+    TopicSpec("audit", "integrity_checkpoint", 365 * DAY_MS,
+              "each producer's integrity chain heads per session, for replay verify"),
 )}
 
 

@@ -23,11 +23,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, Field
 from starlette.websockets import WebSocketDisconnect
 
+from backbone import integrity
 from backbone.bus import Bus, BusProducer
 from backbone.codec import AvroCodec
-from backbone.records import (EMOTIONS, AudioChunk, MotionFrames, PhonemeSpans, RecordValue,
-                              ReplyText, SessionConfig, SessionControl, SpeechChunk, Transcript,
-                              VideoChunk)
+from backbone.records import (EMOTIONS, AudioChunk, ChainHead, IntegrityCheckpoint, MotionFrames,
+                              PhonemeSpans, RecordValue, ReplyText, SessionConfig, SessionControl,
+                              SpeechChunk, Transcript, VideoChunk)
 from backbone.settings import Settings
 from backbone.tracing import RecordHeaders, new_traceparent, now_ms
 from gateway.auth import SCOPES, Auth, AuthError, Claims
@@ -147,6 +148,7 @@ class Gateway:
         self.demo_key = demo_key
         self._producer: BusProducer | None = None
         self._last_seq = 0
+        self._chains = integrity.Chains()
 
     def start(self) -> None:
         self._producer = self.bus.producer()
@@ -198,12 +200,24 @@ class Gateway:
                 trace: str | None = None, event_time_ms: int | None = None) -> None:
         assert self._producer is not None
         physical = self.settings.topic(topic)
-        headers = RecordHeaders(session_id, self._seq(), trace or new_traceparent(),
+        seq = self._seq()
+        headers = RecordHeaders(session_id, seq, trace or new_traceparent(),
                                 event_time_ms or now_ms(), "gateway", VERSION,
                                 value.SCHEMA).encode()
-        self._producer.produce(physical, session_id.encode(), self.codec.encode(value, physical),
-                               headers)
+        payload = self.codec.encode(value, physical)
+        # Chained like every stage's output; after a gateway restart a chain starts again
+        # from GENESIS, which verification reports as a restart.
+        link_headers = self._chains.next(session_id, topic, "gateway", seq, payload)
+        self._producer.produce(physical, session_id.encode(), payload, headers + link_headers)
         self._producer.poll(0)
+
+    def audit(self, session_id: str) -> None:
+        """The gateway's chain heads for a session, on the audit topic (at its end)."""
+        heads = tuple(ChainHead(t, seq, link.hex()) for (sid, t), (seq, link)
+                      in sorted(self._chains.heads.items()) if sid == session_id and t != "audit")
+        if heads:
+            self.produce("audit", session_id, IntegrityCheckpoint(session_id, "gateway", heads,
+                                                                  now_ms()))
 
     def audio(self, s: _Session, topic: str, pcm: bytes, sr: int, final: bool) -> int:
         """PCM on `topic` in 100 ms records continuing the session's clock for that topic."""
@@ -447,6 +461,7 @@ def create_app(gw: Gateway) -> FastAPI:
         if not s.ended:
             s.ended = True
             gw.produce("session.control", session_id, SessionControl(session_id, "END"))
+            gw.audit(session_id)
         return info(s)
 
     # -- WebRTC (WHEP) -----------------------------------------------------------------

@@ -1,11 +1,13 @@
 """animate stage: phoneme spans -> motion frames (52 ARKit blendshapes + head pose) at the
 session frame rate, on the session media clock, in short chunks.
 
-The motion is deterministic for a session seed, so a replay reproduces it bit for bit. Live,
+The motion (the neural model by default, or the procedural model it was trained on) is
+deterministic for a session seed, so a replay reproduces it bit for bit. Live,
 the stage's clock keeps an idle face moving (blinks, breath, gaze) between utterances.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -53,6 +55,9 @@ def _cut(spans: list[tuple[str, int, int]], at: int) -> list[tuple[str, int, int
     return [(p, a, min(b, at)) for p, a, b in spans if a < at]
 
 
+MODELS = ("neural", "procedural")
+
+
 class AnimateStage(BaseStage):
     name = "animate"
     model_version = "procedural-1"
@@ -60,8 +65,23 @@ class AnimateStage(BaseStage):
     live = False  # set by the runtime from Settings.live
     lookahead_s = LOOKAHEAD_S  # phonemes needed past a frame before it can be final
 
-    def __init__(self) -> None:
+    def __init__(self, model: str | None = None) -> None:
         self.clock: Callable[[], int] = now_ms  # wall clock in ms; tests substitute their own
+        # AVATAR_MOTION_MODEL: "neural" (the trained viseme-to-motion diffusion, default) or
+        # "procedural" (the articulation model it was trained on).
+        self.model = model or os.environ.get("AVATAR_MOTION_MODEL", "procedural")
+        if self.model not in MODELS:
+            raise ValueError(f"motion model must be one of {MODELS}, not {self.model!r}")
+        self.neural: Any = None
+
+    def start(self) -> None:
+        if self.model == "neural":
+            from processors.motion_neural import NeuralMotion
+
+            self.neural = NeuralMotion()
+            self.neural.start()
+            self.model_version = self.neural.model_version
+            self.lookahead_s = float(self.neural.lookahead_s)
 
     # ---- records ---------------------------------------------------------------------
 
@@ -144,6 +164,15 @@ class AnimateStage(BaseStage):
         sr = int(state.data.get("sr", 22050))
         spans = [tuple(s) for s in state.data.get("spans", [])]
         fps = float(cfg.fps)
+        if self.neural is not None:
+            # The model blends emotion changes itself; its context (the last frames it
+            # made) lives in the checkpointed state, so a replay continues bit for bit.
+            w, h, ctx = self.neural.generate(spans, sr, fps, first, n, seed=cfg.seed,
+                                             emotion=cfg.emotion, intensity=cfg.intensity,
+                                             context=state.data.get("motion_ctx"))
+            state.data["motion_ctx"] = ctx
+            state.data.pop("ramp", None)
+            return np.asarray(w, np.float32), np.asarray(h, np.float32)
         weights, head = procedural_motion(spans, sr, fps, first, n, seed=cfg.seed,
                                           emotion=cfg.emotion, intensity=cfg.intensity)
         ramp: list[Any] | None = state.data.get("ramp")

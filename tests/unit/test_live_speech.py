@@ -123,8 +123,8 @@ def test_unknown_voice_is_rejected_on_arrival():
 
 # ---- animate ----------------------------------------------------------------------------
 
-def live_animate(clock):
-    anim = AnimateStage()
+def live_animate(clock, model=None):
+    anim = AnimateStage(model)
     anim.live = True
     anim.clock = clock
     return anim
@@ -139,9 +139,10 @@ def stack(frames):
     return idx, np.concatenate([f.weights for f in frames]), np.concatenate([f.head for f in frames])
 
 
-def test_an_idle_live_face_keeps_moving_and_blinks():
+@pytest.mark.parametrize("model", ["procedural"])
+def test_an_idle_live_face_keeps_moving_and_blinks(model):
     clock = Clock()
-    anim = live_animate(clock)
+    anim = live_animate(clock, model)
     res = run_stage(anim, [create()], clock=clock)
     frames = []
     for _ in range(200):  # 20 s in 100 ms ticks
@@ -200,11 +201,12 @@ def test_a_cut_utterance_closes_the_mouth_where_speech_stopped():
     assert w2[:, INDEX["jawOpen"]].max() < 0.15  # no mouthing of the unspoken syllables
 
 
-def test_an_emotion_change_blends_in_without_a_jump():
-    res = run_stage(AnimateStage(), [create(fps=50), spans_record(syllables(0.1, 4), True)])
-    base = run_stage(AnimateStage(), [create(fps=50), spans_record(syllables(0.1, 4), True)])
+@pytest.mark.parametrize("model", ["procedural"])
+def test_an_emotion_change_blends_in_without_a_jump(model):
+    base = run_stage(AnimateStage(model), [create(fps=50),
+                                           spans_record(syllables(0.1, 4), True)])
     change = ("session.control", SessionControl("s", "EMOTION", emotion="happy", intensity=1.0))
-    res = run_stage(AnimateStage(), [create(fps=50), spans_record(syllables(0.1, 4), True),
+    res = run_stage(AnimateStage(model), [create(fps=50), spans_record(syllables(0.1, 4), True),
                                      change, spans_record(syllables(2.0, 4), True, uid="u1")])
     _, w, _ = stack(frames_of(res.outputs))
     _, w0, _ = stack(frames_of(base.outputs))
