@@ -146,6 +146,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.action == "key":
         print(integrity.session_key(args.session).hex())
         return 0
+    if args.action == "export":
+        from replay.export import ExportError, export_session
+
+        try:
+            done = export_session(bus, settings, args.session,
+                                  Path(args.output or args.session))
+        except ExportError as exc:
+            print(f"avatar replay export: {exc}", file=sys.stderr)
+            return 2
+        print(f"{done.directory}: {done.frames} frames, {done.audio_s:.1f} s of speech, "
+              f"integrity {'intact' if done.verified else 'NOT intact (see report.html)'}")
+        for line in done.missing:
+            print(f"missing: {line}")
+        return 0 if done.verified else 1
     return 2
 
 
@@ -208,10 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_gateway)
 
     r = sub.add_parser("replay", help="auditor tools over a session's log")
-    r.add_argument("action", choices=["verify", "key"],
+    r.add_argument("action", choices=["verify", "export", "key"],
                    help="verify: check every integrity link and name tampered records; "
+                        "export: MP4 as streamed + captions + manifest + HTML report; "
                         "key: print the session's verification key (give it to an auditor)")
     r.add_argument("session")
+    r.add_argument("-o", "--output", default="", help="export directory (default: SESSION)")
     r.add_argument("--session-key", default="", help="hex key from `replay key` (default: "
                    "derived from AVATAR_INTEGRITY_KEY)")
     r.set_defaults(fn=_cmd_replay)
