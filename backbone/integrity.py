@@ -87,14 +87,15 @@ class Chains:
     def __init__(self, master: bytes | None = None) -> None:
         self.master = master
         self._keys: dict[str, bytes] = {}
-        self.heads: dict[tuple[str, str], tuple[int, bytes]] = {}  # (session, topic) -> head
+        # (session, topic, producer) -> (seq, link) of the last record written
+        self.heads: dict[tuple[str, str, str], tuple[int, bytes]] = {}
 
     def next(self, session_id: str, topic: str, stage: str, seq: int,
              payload: bytes | None) -> tuple[tuple[str, bytes], ...]:
-        """Headers chaining this record after the previous one on (session, topic)."""
-        prev = self.heads.get((session_id, topic), (-1, GENESIS))[1]
+        """Headers chaining this record after the previous one on (session, topic, stage)."""
+        prev = self.heads.get((session_id, topic, stage), (-1, GENESIS))[1]
         new, hdrs = headers(self.key(session_id), prev, topic, stage, seq, payload)
-        self.heads[(session_id, topic)] = (seq, new)
+        self.heads[(session_id, topic, stage)] = (seq, new)
         return hdrs
 
     def key(self, session_id: str) -> bytes:

@@ -213,7 +213,7 @@ class Gateway:
 
     def audit(self, session_id: str) -> None:
         """The gateway's chain heads for a session, on the audit topic (at its end)."""
-        heads = tuple(ChainHead(t, seq, link.hex()) for (sid, t), (seq, link)
+        heads = tuple(ChainHead(t, seq, link.hex()) for (sid, t, _), (seq, link)
                       in sorted(self._chains.heads.items()) if sid == session_id and t != "audit")
         if heads:
             self.produce("audit", session_id, IntegrityCheckpoint(session_id, "gateway", heads,

@@ -50,9 +50,11 @@ def export_session(bus: Bus, settings: Settings, session_id: str, out: Path) -> 
     from processors.encode import EncodedPacket, write_mp4
 
     t0 = time.perf_counter()
-    logged = {t: read_session(bus, settings, session_id, t) for t in (
-        "session.control", "transcript", "reply", "speech.audio", "speech.phonemes", "motion",
-        "video", "audit")}
+    # Motion and audit records are only counted and timed here: decoding 52 named floats
+    # per frame for ten minutes would cost more than the rest of the export.
+    logged = {t: read_session(bus, settings, session_id, t, decode=t not in ("motion", "audit"))
+              for t in ("session.control", "transcript", "reply", "speech.audio",
+                        "speech.phonemes", "motion", "video", "audit")}
     if not any(logged.values()):
         raise ExportError(f"no records of session {session_id!r} on {settings.bus} "
                           f"(topics {settings.topic_prefix}*): unknown or expired session")
@@ -182,14 +184,15 @@ def _thumbnails(video: list[VideoChunk]) -> list[tuple[float, str]]:
     picks = set(keys[:: max(1, len(keys) // THUMBNAILS)][:THUMBNAILS])
     if not picks:
         return []
-    codec = av.CodecContext.create("h264", "r")
     out = []
-    for i, v in enumerate(video[:max(picks) + 1]):
-        for frame in codec.decode(av.Packet(v.data)):
-            if i in picks:
-                buf = io.BytesIO()
-                frame.to_image().resize((160, 160)).save(buf, format="PNG")  # type: ignore[no-untyped-call]
-                out.append((v.pts / v.fps, base64.b64encode(buf.getvalue()).decode()))
+    for i in sorted(picks):
+        v = video[i]
+        # A keyframe decodes on its own (IDR with its SPS/PPS): no need to decode the rest.
+        codec = av.CodecContext.create("h264", "r")
+        for frame in list(codec.decode(av.Packet(v.data))) + list(codec.decode(None)):
+            buf = io.BytesIO()
+            frame.to_image().resize((160, 160)).save(buf, format="PNG")  # type: ignore[no-untyped-call]
+            out.append((v.pts / v.fps, base64.b64encode(buf.getvalue()).decode()))
     return out
 
 

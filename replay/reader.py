@@ -18,13 +18,14 @@ from backbone.tracing import RecordHeaders
 class LoggedRecord:
     message: Message
     headers: RecordHeaders
-    value: RecordValue
+    value: RecordValue | None  # None when read with decode=False
 
 
 def read_session(bus: Bus, settings: Settings, session_id: str, topic: str,
-                 codec: AvroCodec | None = None) -> list[LoggedRecord]:
+                 codec: AvroCodec | None = None, decode: bool = True) -> list[LoggedRecord]:
     """Every record of `session_id` on logical `topic`, in log order, each (producer, seq)
-    once. Undecodable records are skipped here; they are already in the dead-letter topic."""
+    once. Undecodable records are skipped here; they are already in the dead-letter topic.
+    `decode=False` leaves values undecoded (None): counting and timing need only headers."""
     codec = codec or AvroCodec(registry_url=settings.schema_registry_url)
     admin = bus.admin()
     physical = settings.topic(topic)
@@ -40,6 +41,9 @@ def read_session(bus: Bus, settings: Settings, session_id: str, topic: str,
             if (hdr.stage, hdr.seq) in seen:
                 continue
             seen.add((hdr.stage, hdr.seq))
+        if not decode:
+            out.append(LoggedRecord(msg, hdr, None))
+            continue
         try:
             value = codec.decode(msg.value, TOPICS[topic].schema)
         except DecodeError:
