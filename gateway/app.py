@@ -35,7 +35,7 @@ from gateway.auth import SCOPES, Auth, AuthError, Claims
 from gateway.hub import Delivered, SessionHub
 from gateway.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
 from gateway.rtmp import MAX_PUSHES, RtmpPush
-from gateway.webrtc import WhepError, WhepServer
+from gateway.webrtc import WhepError, WhepServer, log_feeder
 
 log = logging.getLogger("avatar.gateway")
 
@@ -254,8 +254,8 @@ class Gateway:
     def session_for(self, session_id: str, claims: Claims) -> _Session:
         s = self.sessions.get(session_id)
         # The same answer for "unknown" and "not yours": nothing leaks about other sessions.
-        if s is None or (claims.scope == "integrator" and s.owner != claims.subject) or \
-                (claims.scope == "viewer" and claims.session_id != session_id):
+        if s is None or (claims.scope in ("integrator", "auditor") and s.owner != claims.subject) \
+                or (claims.scope == "viewer" and claims.session_id != session_id):
             raise HTTPException(404, f"no session {session_id!r} for this token")
         return s
 
@@ -322,7 +322,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return Depends(check)
 
     Integrator = Annotated[Claims, needs("integrator")]
-    Watcher = Annotated[Claims, needs("integrator", "viewer")]
+    Watcher = Annotated[Claims, needs("integrator", "viewer", "auditor")]
 
     # -- health, metrics, page ---------------------------------------------------------
 
@@ -491,6 +491,44 @@ def create_app(gw: Gateway) -> FastAPI:
         resource, answer = await gw.whep.offer(
             session_id, sdp, s.created_ms / 1000.0,
             mic if claims.scope == "integrator" and not s.ended else None)
+        return Response(answer, 201, media_type="application/sdp",
+                        headers={"Location": f"/whep/{session_id}/{resource}"})
+
+    Auditor = Annotated[Claims, needs("auditor")]
+
+    @app.post("/v1/sessions/{session_id}/replay/whep", tags=["webrtc", "audit"],
+              status_code=201, response_class=Response,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/sdp": {"schema": {"type": "string"}}}}},
+              responses={201: {"content": {"application/sdp": {}}}})
+    async def replay_whep(session_id: str, request: Request, claims: Auditor) -> Response:
+        """Watch a past session as it was streamed, at its original pace (auditor tokens):
+        the logged access units and speech, read from the log."""
+        gw.session_for(session_id, claims)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/sdp":
+            raise HTTPException(415, "send the offer as application/sdp")
+        sdp = (await _bounded_body(request, 64_000)).decode("utf-8", "replace")
+
+        def records() -> Any:
+            from gateway.hub import Delivered
+            from replay.reader import read_session
+
+            items = []
+            for topic in ("video", "speech.audio"):
+                for r in read_session(gw.bus, gw.settings, session_id, topic):
+                    v = r.value
+                    if v is None:
+                        continue
+                    media = v.pts / v.fps if isinstance(v, VideoChunk) else \
+                        v.start_sample / v.sample_rate if isinstance(v, SpeechChunk) else 0.0
+                    items.append((media, Delivered(topic, v, r.headers,
+                                                   r.message.timestamp_ms)))
+            items.sort(key=lambda x: x[0])
+            return (d for _, d in items)
+
+        resource, answer = await gw.whep.offer(
+            session_id, sdp, None, replay=log_feeder(records, asyncio.get_running_loop()))
         return Response(answer, 201, media_type="application/sdp",
                         headers={"Location": f"/whep/{session_id}/{resource}"})
 

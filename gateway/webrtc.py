@@ -188,6 +188,7 @@ class Peer:
     pc: RTCPeerConnection
     subs: list[Subscription] = field(default_factory=list)
     mic_task: "asyncio.Task[None] | None" = None
+    feeder: Any = None  # a past session's log reader (a thread with a stop event)
 
 
 def loopback_only() -> None:
@@ -207,7 +208,9 @@ class WhepServer:
         self.peers: dict[str, Peer] = {}
 
     async def offer(self, session_id: str, sdp: str, origin_s: float | None,
-                    mic: Any = None) -> tuple[str, str]:
+                    mic: Any = None, replay: Any = None) -> tuple[str, str]:
+        """Negotiate a viewer of the live session, or with `replay` (a callable that feeds
+        the video and audio subscriptions from the log) of a past one at its own pace."""
         if len(self.peers) >= MAX_PEERS:
             raise WhepError(503, "this gateway serves its maximum number of viewers")
         if "v=0" not in sdp or "m=" not in sdp:
@@ -223,15 +226,20 @@ class WhepServer:
         try:
             # Transceivers exist before the offer is applied: aiortc settles the codecs
             # while applying it, and only H.264 lets the logged stream pass unchanged.
+            def subscription(topic: str) -> Subscription:
+                if replay is None:
+                    return self.hub.subscribe(session_id, (topic,))
+                return Subscription(session_id, asyncio.get_running_loop(), (topic,))
+
             if "video" in kinds:
-                sub = self.hub.subscribe(session_id, ("video",))
+                sub = subscription("video")
                 peer.subs.append(sub)
                 t = pc.addTransceiver(LoggedVideoTrack(sub, clock), direction="sendonly")
                 h264 = [c for c in RTCRtpSender.getCapabilities("video").codecs
                         if c.mimeType.lower() == "video/h264"]
                 t.setCodecPreferences(h264)
             if "audio" in kinds:
-                sub = self.hub.subscribe(session_id, ("speech.audio",))
+                sub = subscription("speech.audio")
                 peer.subs.append(sub)
                 pc.addTransceiver(SpeechAudioTrack(sub, clock),
                                   direction="sendrecv" if mic is not None else "sendonly")
@@ -248,6 +256,8 @@ class WhepServer:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
+            if replay is not None:
+                peer.feeder = replay(peer.subs, clock)
         except WhepError:
             await self._close(peer)
             raise
@@ -290,6 +300,8 @@ class WhepServer:
     async def _close(self, peer: Peer) -> None:
         for sub in peer.subs:
             self.hub.unsubscribe(sub)
+        if peer.feeder is not None:
+            peer.feeder.set()
         if peer.mic_task is not None:
             peer.mic_task.cancel()
         await peer.pc.close()
@@ -297,3 +309,35 @@ class WhepServer:
     async def close_all(self) -> None:
         for resource in list(self.peers):
             await self.close(resource)
+
+
+def log_feeder(records: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """Returns `feed(subs, clock)`: a thread pushing a past session's video and speech records
+    (in media-time order) into the viewer's subscriptions, waiting whenever they are full, so
+    the tracks' own clock sets the original pace. `records()` yields Delivered items."""
+    import threading
+
+    def feed(subs: list[Subscription], clock: MediaClock) -> threading.Event:
+        stop = threading.Event()
+        by_topic = {s.topics[0]: s for s in subs}
+        clock.origin_s = None  # anchored by the first record, shown after the playout delay
+
+        def run() -> None:
+            for item in records():
+                sub = by_topic.get(item.topic)
+                if sub is None:
+                    continue
+                while not stop.is_set():
+                    fut = asyncio.run_coroutine_threadsafe(sub.queue.put(item), loop)
+                    try:
+                        fut.result(1.0)
+                        break
+                    except TimeoutError:
+                        fut.cancel()
+                if stop.is_set():
+                    return
+
+        threading.Thread(target=run, name="replay-feeder", daemon=True).start()
+        return stop
+
+    return feed

@@ -23,6 +23,7 @@ from gateway.webrtc import loopback_only
 from tests.support.media import feed_session
 
 KEY = "acme-secret-key"
+AUDIT_KEY = "acme-audit-key-1"
 
 
 def _free_port() -> int:
@@ -37,7 +38,8 @@ def served(tmp_path):
     settings = Settings(bus="embedded", embedded_path=str(tmp_path / "bus.sqlite"), partitions=2)
     provision_topics(settings, PIPELINE)
     gw = Gateway(settings, Auth("whep-test-secret-of-thirty-two-bytes!",
-                                parse_api_keys(f"acme:{KEY}:integrator:1000", 20.0)))
+                                parse_api_keys(f"acme:{KEY}:integrator:1000,"
+                                               f"acme:{AUDIT_KEY}:auditor:1000", 20.0)))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -213,3 +215,53 @@ def test_an_integrators_microphone_feeds_the_user_audio_topic(served):
     assert len(pcm) >= 16000  # over a second of it reached the topic
     spectrum = np.abs(np.fft.rfft(pcm[-8000:]))
     assert abs(np.argmax(spectrum) * 16000 / 8000 - 300) < 10  # and it is the tone
+
+
+def test_an_auditor_watches_a_past_session_at_its_original_pace(served):
+    base, gw, settings = served
+    tok, info = _session(base)
+    sid = info["session_id"]
+    feed_session(gw.bus, settings, sid, seconds=2.0)  # the session happened; now it is past
+    auditor = httpx.post(f"{base}/v1/tokens", json={"scope": "auditor"},
+                         headers={"Authorization": f"Bearer {AUDIT_KEY}"}).json()["token"]
+
+    async def watch():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        arrivals = []
+
+        async def drain(track):
+            try:
+                while True:
+                    await track.recv()
+                    if track.kind == "video":
+                        arrivals.append(time.monotonic())
+            except Exception:
+                return
+
+        tasks = []
+        pc.on("track", lambda track: tasks.append(asyncio.ensure_future(drain(track))))
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient() as client:
+            viewer = await client.post(f"{base}/v1/sessions/{sid}/replay/whep",
+                                       content=pc.localDescription.sdp,
+                                       headers={"Authorization": f"Bearer {info['viewer_token']}",
+                                                "Content-Type": "application/sdp"})
+            assert viewer.status_code == 403  # replay is for auditors
+            r = await client.post(f"{base}/v1/sessions/{sid}/replay/whep",
+                                  content=pc.localDescription.sdp,
+                                  headers={"Authorization": f"Bearer {auditor}",
+                                           "Content-Type": "application/sdp"})
+            assert r.status_code == 201, r.text
+            await pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
+            await asyncio.sleep(4.0)
+        await pc.close()
+        for t in tasks:
+            t.cancel()
+        return arrivals
+
+    arrivals = asyncio.run(watch())
+    assert len(arrivals) >= 40, len(arrivals)  # the 50 logged frames (a few lost to start-up)
+    span = arrivals[-1] - arrivals[0]
+    assert 1.5 <= span <= 2.6, span  # played at its pace (2 s), not dumped at once
