@@ -146,6 +146,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     if args.action == "key":
         print(integrity.session_key(args.session).hex())
         return 0
+    if args.action == "erase":
+        from replay.erase import erase_session
+
+        print(erase_session(bus, settings, args.session, by=args.by))
+        return 0
     if args.action == "export":
         from replay.export import ExportError, export_session
 
@@ -222,12 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_gateway)
 
     r = sub.add_parser("replay", help="auditor tools over a session's log")
-    r.add_argument("action", choices=["verify", "export", "key"],
+    r.add_argument("action", choices=["verify", "export", "erase", "key"],
                    help="verify: check every integrity link and name tampered records; "
                         "export: MP4 as streamed + captions + manifest + HTML report; "
+                        "erase: delete the session's data key (AVATAR_SEAL) and record it; "
                         "key: print the session's verification key (give it to an auditor)")
     r.add_argument("session")
     r.add_argument("-o", "--output", default="", help="export directory (default: SESSION)")
+    r.add_argument("--by", default=os.environ.get("USER", "operator"),
+                   help="who asked for the erasure (recorded in the audit trail)")
     r.add_argument("--session-key", default="", help="hex key from `replay key` (default: "
                    "derived from AVATAR_INTEGRITY_KEY)")
     r.set_defaults(fn=_cmd_replay)

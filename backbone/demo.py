@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from backbone import integrity
+from backbone import integrity, sealing
 from backbone.codec import AvroCodec
 from backbone.records import ReplyText, SessionConfig, SessionControl, SpeechChunk
 from backbone.runtime import StageRunner, provision_topics
@@ -24,6 +24,7 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
     codec = AvroCodec(registry_url=settings.schema_registry_url)
     producer = bus.producer()
     chains = integrity.Chains()
+    keys = sealing.KeyStore(settings, bus) if sealing.enabled() else None
     trace = new_traceparent()
     t = now_ms()
     first: list[tuple[str, SessionControl | ReplyText]] = [
@@ -36,6 +37,9 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
         headers = RecordHeaders(session_id, seq, trace, t, "gateway", "demo",
                                 value.SCHEMA).encode()
         payload = codec.encode(value, physical)
+        if keys is not None:
+            payload = sealing.seal(keys.key(session_id, create=True) or b"", session_id,
+                                   topic, payload)
         headers += chains.next(session_id, topic, "gateway", seq, payload)
         producer.produce(physical, session_id.encode(), payload, headers)
     if producer.flush(30) != 0:
@@ -86,6 +90,7 @@ def send_audio_session(settings: Settings, session_id: str, pcm: bytes, sample_r
     codec = AvroCodec(registry_url=settings.schema_registry_url)
     producer = bus.producer()
     chains = integrity.Chains()
+    keys = sealing.KeyStore(settings, bus) if sealing.enabled() else None
     trace = new_traceparent()
     t = now_ms()
     step = sample_rate // 10 * 2  # 100 ms chunks, as tts sends them
@@ -104,6 +109,9 @@ def send_audio_session(settings: Settings, session_id: str, pcm: bytes, sample_r
         headers = RecordHeaders(session_id, seq, trace, t, "gateway", "demo",
                                 value.SCHEMA).encode()
         payload = codec.encode(value, physical)
+        if keys is not None:
+            payload = sealing.seal(keys.key(session_id, create=True) or b"", session_id,
+                                   topic, payload)
         headers += chains.next(session_id, topic, "gateway", seq, payload)
         producer.produce(physical, session_id.encode(), payload, headers)
     if producer.flush(30) != 0:

@@ -114,6 +114,14 @@ class EmbeddedBus:
     def admin(self) -> EmbeddedAdmin:
         return EmbeddedAdmin(self)
 
+    def purge_key(self, topic: str, key: bytes) -> None:
+        """Delete every record of `key` on `topic` from the file (crypto-shredding a session's
+        data key: unlike Kafka's compaction, nothing lingers)."""
+        conn = self.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM records WHERE topic=? AND key=?", (topic, key))
+        conn.execute("COMMIT")
+
     def tail(self, topics: Sequence[str]) -> EmbeddedTail:
         return EmbeddedTail(self, topics)
 

@@ -312,16 +312,18 @@ class IntegrityCheckpoint:
     stage: str
     heads: tuple[ChainHead, ...]
     time_ms: int
+    note: str = ""  # an audit event in words (an erasure), else empty
 
     def to_avro(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "stage": self.stage, "time_ms": self.time_ms,
-                "heads": [{"topic": h.topic, "seq": h.seq, "link": h.link} for h in self.heads]}
+                "heads": [{"topic": h.topic, "seq": h.seq, "link": h.link} for h in self.heads],
+                "note": self.note}
 
     @classmethod
     def from_avro(cls, d: Mapping[str, Any]) -> IntegrityCheckpoint:
         return cls(d["session_id"], d["stage"],
                    tuple(ChainHead(h["topic"], h["seq"], h["link"]) for h in d["heads"]),
-                   d["time_ms"])
+                   d["time_ms"], d.get("note", ""))
 
 
 RecordValue = (SessionControl | AudioChunk | Transcript | ReplyText | SpeechChunk

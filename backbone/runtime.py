@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from backbone import metrics
 from backbone.bus import Bus, BusAdmin, BusConsumer, BusError, BusProducer, Message, TopicPartition
 from backbone.codec import AvroCodec, DecodeError
-from backbone import integrity
+from backbone import integrity, sealing
 from backbone.integrity import GENESIS
 from backbone.records import ChainHead, DeadLetter, IntegrityCheckpoint, RecordValue, SessionControl
 from backbone.settings import Settings
@@ -92,10 +92,18 @@ class StageRunner:
             stage.live = settings.live
         self._tick_due = 0.0
         self._chains = integrity.Chains()
+        self._seal = sealing.enabled()
+        self._keys: sealing.KeyStore | None = None
         self._unaudited: set[str] = set()  # sessions with outputs after their last checkpoint
         self._audit_due = 0.0
 
     # ---- lifecycle -------------------------------------------------------------------
+
+    @property
+    def keys(self) -> sealing.KeyStore:
+        if self._keys is None:
+            self._keys = sealing.KeyStore(self.settings, self.bus)
+        return self._keys
 
     @property
     def bus(self) -> Bus:
@@ -207,9 +215,17 @@ class StageRunner:
         if not session:
             self._dead_letter(msg, hdr, "invalid", "record has no session key")
             return
+        body = msg.value
+        if sealing.is_sealed(body):
+            assert body is not None
+            try:
+                body = sealing.unseal(self.keys.key(session), session, logical, body)
+            except sealing.SealedError as exc:
+                self._dead_letter(msg, hdr, "sealed", str(exc))
+                return
         try:
             assert self._codec is not None
-            value = self._codec.decode(msg.value, self._schemas[logical])
+            value = self._codec.decode(body, self._schemas[logical])
         except DecodeError as exc:
             self._dead_letter(msg, hdr, exc.category, exc.reason)
             return
@@ -323,6 +339,9 @@ class StageRunner:
             event_time, self.name, self.stage.model_version, out.value.SCHEMA).encode()
         assert self._codec is not None
         payload = self._codec.encode(out.value, topic)
+        if self._seal and out.topic != "audit":  # chain heads stay readable after erasure
+            payload = sealing.seal(self.keys.key(session, create=True) or b"", session,
+                                   out.topic, payload)
         prev = bytes.fromhex(state.chains[out.topic]) if out.topic in state.chains else GENESIS
         new_link, link_headers = integrity.headers(self._chains.key(session), prev, out.topic,
                                                    self.name, seq, payload)
@@ -415,6 +434,11 @@ class StageRunner:
         for session, raw in latest.items():
             if raw is None:
                 continue
+            if sealing.is_sealed(raw):
+                try:
+                    raw = sealing.unseal(self.keys.key(session), session, "state", raw)
+                except sealing.SealedError:
+                    continue  # an erased session has no state to come back to
             self.states[session] = SessionState.restore(json.loads(raw))
             self._session_partition[session] = partition
             metrics.RESTORED.labels(self.name).inc()
@@ -441,8 +465,11 @@ class StageRunner:
         for session in self._dirty:
             st = self.states.get(session)
             if st is not None:
-                snaps[session] = (self._session_partition[session],
-                                  json.dumps(st.snapshot(), separators=(",", ":")).encode())
+                raw = json.dumps(st.snapshot(), separators=(",", ":")).encode()
+                if self._seal:  # state holds session content too (queued text, history)
+                    raw = sealing.seal(self.keys.key(session, create=True) or b"", session,
+                                       "state", raw)
+                snaps[session] = (self._session_partition[session], raw)
         self._dirty.clear()
         return snaps
 
@@ -564,16 +591,32 @@ class StageRunner:
                                         str(tp.partition)).set(max(0, hi - tp.offset))
 
 
+def _retention_overrides() -> dict[str, int]:
+    """AVATAR_RETENTION_DAYS="video=7,audio.in=1": per-topic retention at creation."""
+    out = {}
+    for item in filter(None, os.environ.get("AVATAR_RETENTION_DAYS", "").split(",")):
+        topic, _, days = item.partition("=")
+        if topic.strip() not in TOPICS:
+            raise ValueError(f"AVATAR_RETENTION_DAYS names unknown topic {topic.strip()!r}")
+        out[topic.strip()] = int(float(days) * 24 * 3600 * 1000)
+    return out
+
+
 def provision_topics(settings: Settings, stages: Sequence[str], bus: Bus | None = None) -> list[str]:
     """Create every data topic plus the state changelog of each named stage (idempotent)."""
     bus = bus or settings.open_bus()
     admin = bus.admin()
     configs: dict[str, dict[str, str]] = {}
     names = []
+    retention = _retention_overrides()
     for spec in TOPICS.values():
         name = settings.topic(spec.name)
         names.append(name)
-        configs[name] = {"retention.ms": str(spec.retention_ms), "cleanup.policy": "delete"}
+        keep = retention.get(spec.name, spec.retention_ms)
+        configs[name] = {"retention.ms": str(keep), "cleanup.policy": "delete"}
+    keys = settings.topic(sealing.KEYS_TOPIC)
+    names.append(keys)
+    configs[keys] = dict(sealing.KEYS_TOPIC_CONFIG)
     for stage in stages:
         name = settings.topic(state_topic(stage))
         names.append(name)

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, Field
 from starlette.websockets import WebSocketDisconnect
 
-from backbone import integrity
+from backbone import integrity, sealing
 from backbone.bus import Bus, BusProducer
 from backbone.codec import AvroCodec
 from backbone.records import (EMOTIONS, AudioChunk, ChainHead, IntegrityCheckpoint, MotionFrames,
@@ -149,6 +149,9 @@ class Gateway:
         self._producer: BusProducer | None = None
         self._last_seq = 0
         self._chains = integrity.Chains()
+        self._seal = sealing.enabled()
+        self.keys = sealing.KeyStore(settings, self.bus)
+        self.hub.keys = self.keys
 
     def start(self) -> None:
         self._producer = self.bus.producer()
@@ -205,6 +208,9 @@ class Gateway:
                                 event_time_ms or now_ms(), "gateway", VERSION,
                                 value.SCHEMA).encode()
         payload = self.codec.encode(value, physical)
+        if self._seal and topic != "audit":
+            payload = sealing.seal(self.keys.key(session_id, create=True) or b"", session_id,
+                                   topic, payload)
         # Chained like every stage's output; after a gateway restart a chain starts again
         # from GENESIS, which verification reports as a restart.
         link_headers = self._chains.next(session_id, topic, "gateway", seq, payload)

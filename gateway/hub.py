@@ -18,6 +18,7 @@ from prometheus_client import Counter
 from backbone.bus import Bus, BusError
 from backbone.codec import AvroCodec, DecodeError
 from backbone.records import RecordValue, SessionControl
+from backbone.sealing import KeyStore, SealedError, is_sealed, unseal
 from backbone.settings import Settings
 from backbone.topics import TOPICS
 from backbone.tracing import RecordHeaders
@@ -88,6 +89,7 @@ class SessionHub:
         # Every control record of every session, subscribed or not (the gateway's session
         # table follows sessions created through any gateway instance).
         self.on_control: Callable[[SessionControl, RecordHeaders], None] | None = None
+        self.keys: KeyStore | None = None  # opens sealed records (AVATAR_SEAL)
 
     def start(self) -> None:
         bus = self._bus or self.settings.open_bus()
@@ -118,12 +120,19 @@ class SessionHub:
             if not subs:
                 self._subs.pop(sub.session_id, None)
 
+    def _open(self, session: str, topic: str, body: bytes | None) -> bytes | None:
+        if body is None or not is_sealed(body) or self.keys is None:
+            return body
+        return unseal(self.keys.key(session), session, topic, body)
+
     def _control(self, m: Any) -> None:
         if self.on_control is None:
             return
         try:
-            value = self._codec.decode(m.value, TOPICS["session.control"].schema)
-        except DecodeError:
+            session = (m.key or b"").decode("utf-8", "replace")
+            value = self._codec.decode(self._open(session, "session.control", m.value),
+                                       TOPICS["session.control"].schema)
+        except (DecodeError, SealedError):
             return
         if isinstance(value, SessionControl):
             self.on_control(value, RecordHeaders.decode(m))
@@ -153,8 +162,9 @@ class SessionHub:
                 if not wanted:
                     continue
                 try:
-                    value = self._codec.decode(m.value, TOPICS[topic].schema)
-                except DecodeError:
+                    value = self._codec.decode(self._open(session, topic, m.value),
+                                               TOPICS[topic].schema)
+                except (DecodeError, SealedError):
                     continue  # the stages dead-letter it; a viewer just does not see it
                 item = Delivered(topic, value, RecordHeaders.decode(m), m.timestamp_ms)
                 for s in wanted:

@@ -25,6 +25,7 @@ import numpy as np
 from backbone.bus import Bus
 from backbone.records import (PhonemeSpans, ReplyText, SessionControl, SpeechChunk, Transcript,
                               VideoChunk)
+from backbone.sealing import SealedError
 from backbone.settings import Settings
 from replay.reader import LoggedRecord, read_session, session_audio, session_video
 from replay.verify import verify_session
@@ -47,9 +48,16 @@ class Exported:
 
 
 def export_session(bus: Bus, settings: Settings, session_id: str, out: Path) -> Exported:
+    t0 = time.perf_counter()
+    try:
+        return _export(bus, settings, session_id, out, t0)
+    except SealedError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _export(bus: Bus, settings: Settings, session_id: str, out: Path, t0: float) -> Exported:
     from processors.encode import EncodedPacket, write_mp4
 
-    t0 = time.perf_counter()
     # Motion and audit records are only counted and timed here: decoding 52 named floats
     # per frame for ten minutes would cost more than the rest of the export.
     logged = {t: read_session(bus, settings, session_id, t, decode=t not in ("motion", "audit"))

@@ -9,6 +9,7 @@ import numpy as np
 from backbone.bus import Bus, Message
 from backbone.codec import AvroCodec, DecodeError
 from backbone.records import RecordValue, SpeechChunk, VideoChunk
+from backbone.sealing import KeyStore, SealedError, is_sealed, unseal
 from backbone.settings import Settings
 from backbone.topics import TOPICS
 from backbone.tracing import RecordHeaders
@@ -33,6 +34,8 @@ def read_session(bus: Bus, settings: Settings, session_id: str, topic: str,
     partition = admin.partitions_for(key, physical)
     seen: set[tuple[str, int]] = set()
     out = []
+    keys: KeyStore | None = None
+    erased = False
     for msg in admin.read(physical, partition):
         if msg.key != key:
             continue
@@ -44,11 +47,22 @@ def read_session(bus: Bus, settings: Settings, session_id: str, topic: str,
         if not decode:
             out.append(LoggedRecord(msg, hdr, None))
             continue
+        body = msg.value
+        if is_sealed(body):
+            keys = keys or KeyStore(settings, bus)
+            try:
+                body = unseal(keys.key(session_id), session_id, topic, body or b"")
+            except SealedError:
+                erased = True
+                continue
         try:
-            value = codec.decode(msg.value, TOPICS[topic].schema)
+            value = codec.decode(body, TOPICS[topic].schema)
         except DecodeError:
             continue
         out.append(LoggedRecord(msg, hdr, value))
+    if erased and not out:
+        raise SealedError(f"session {session_id} was erased: its records on {topic} are "
+                          "sealed with a data key that no longer exists")
     return out
 
 
