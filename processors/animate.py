@@ -69,7 +69,7 @@ class AnimateStage(BaseStage):
         self.clock: Callable[[], int] = now_ms  # wall clock in ms; tests substitute their own
         # AVATAR_MOTION_MODEL: "neural" (the trained viseme-to-motion diffusion, default) or
         # "procedural" (the articulation model it was trained on).
-        self.model = model or os.environ.get("AVATAR_MOTION_MODEL", "procedural")
+        self.model = model or os.environ.get("AVATAR_MOTION_MODEL", "neural")
         if self.model not in MODELS:
             raise ValueError(f"motion model must be one of {MODELS}, not {self.model!r}")
         self.neural: Any = None

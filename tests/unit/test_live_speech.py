@@ -139,7 +139,7 @@ def stack(frames):
     return idx, np.concatenate([f.weights for f in frames]), np.concatenate([f.head for f in frames])
 
 
-@pytest.mark.parametrize("model", ["procedural"])
+@pytest.mark.parametrize("model", ["neural", "procedural"])
 def test_an_idle_live_face_keeps_moving_and_blinks(model):
     clock = Clock()
     anim = live_animate(clock, model)
@@ -201,7 +201,7 @@ def test_a_cut_utterance_closes_the_mouth_where_speech_stopped():
     assert w2[:, INDEX["jawOpen"]].max() < 0.15  # no mouthing of the unspoken syllables
 
 
-@pytest.mark.parametrize("model", ["procedural"])
+@pytest.mark.parametrize("model", ["neural", "procedural"])
 def test_an_emotion_change_blends_in_without_a_jump(model):
     base = run_stage(AnimateStage(model), [create(fps=50),
                                            spans_record(syllables(0.1, 4), True)])
