@@ -155,8 +155,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         from replay.export import ExportError, export_session
 
         try:
+            index = None
+            if settings.bus == "kafka":
+                from replay.index import lookup
+
+                index = lookup(bus, settings, args.session)  # seek, if the index runs
             done = export_session(bus, settings, args.session,
-                                  Path(args.output or args.session))
+                                  Path(args.output or args.session), index)
         except ExportError as exc:
             print(f"avatar replay export: {exc}", file=sys.stderr)
             return 2
@@ -166,6 +171,22 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             print(f"missing: {line}")
         return 0 if done.verified else 1
     return 2
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    import faust
+
+    from backbone.settings import Settings
+    from replay.index import make_app
+
+    settings = Settings.from_env()
+    if settings.bus != "kafka":
+        print("avatar index: the session index runs on Kafka (AVATAR_BUS=kafka)", file=sys.stderr)
+        return 2
+    app = make_app(settings)
+    app.finalize()
+    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -239,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--session-key", default="", help="hex key from `replay key` (default: "
                    "derived from AVATAR_INTEGRITY_KEY)")
     r.set_defaults(fn=_cmd_replay)
+
+    ix = sub.add_parser("index", help="run the session index (faust table, Kafka only)")
+    ix.set_defaults(fn=_cmd_index)
 
     u = sub.add_parser("up", help="broker, topics and every stage as its own process")
     u.add_argument("--run-dir", default="avatar-data/run")

@@ -31,7 +31,9 @@ IDLE_LAG_S = 0.08
 # Speech whose next phonemes have not come for this long is over (a tts instance died
 # mid-utterance): the face goes idle rather than freezing.
 STALE_SPEECH_S = 2.0
-MAX_CATCH_UP_S = 2.0  # after an outage, idle frames resume at the clock instead of back-filling
+# After an outage longer than this, idle frames resume at the clock instead of back-filling
+# (shorter stalls, e.g. a busy machine, are caught up so the video has no hole).
+MAX_CATCH_UP_S = 5.0
 EMOTION_RAMP_S = 0.3  # an emotion change blends over this long; a step reads as a glitch
 
 
@@ -82,6 +84,11 @@ class AnimateStage(BaseStage):
             self.neural.start()
             self.model_version = self.neural.model_version
             self.lookahead_s = float(self.neural.lookahead_s)
+            # The sampler is traced once per pass length (0.1-0.3 s each): do it now for the
+            # default 25 fps (passes of 1-2 frames), not while a viewer waits on frames.
+            for n in (1, 2):
+                self.neural.generate([], 22050, 25.0, 0, n, seed=0, emotion="neutral",
+                                     intensity=0.0, context=None)
 
     # ---- records ---------------------------------------------------------------------
 

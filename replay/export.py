@@ -47,20 +47,24 @@ class Exported:
     missing: list[str] = field(default_factory=list)
 
 
-def export_session(bus: Bus, settings: Settings, session_id: str, out: Path) -> Exported:
+def export_session(bus: Bus, settings: Settings, session_id: str, out: Path,
+                   index: dict[str, Any] | None = None) -> Exported:
+    """`index`: the session's entry in the session index, to seek instead of scanning."""
     t0 = time.perf_counter()
     try:
-        return _export(bus, settings, session_id, out, t0)
+        return _export(bus, settings, session_id, out, t0, index)
     except SealedError as exc:
         raise ExportError(str(exc)) from None
 
 
-def _export(bus: Bus, settings: Settings, session_id: str, out: Path, t0: float) -> Exported:
+def _export(bus: Bus, settings: Settings, session_id: str, out: Path, t0: float,
+            index: dict[str, Any] | None) -> Exported:
     from processors.encode import EncodedPacket, write_mp4
 
     # Motion and audit records are only counted and timed here: decoding 52 named floats
     # per frame for ten minutes would cost more than the rest of the export.
-    logged = {t: read_session(bus, settings, session_id, t, decode=t not in ("motion", "audit"))
+    logged = {t: read_session(bus, settings, session_id, t, decode=t not in ("motion", "audit"),
+                              index=index)
               for t in ("session.control", "transcript", "reply", "speech.audio",
                         "speech.phonemes", "motion", "video", "audit")}
     if not any(logged.values()):

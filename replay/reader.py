@@ -3,6 +3,7 @@ removed: the building block of export, verification and the demo's MP4."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,8 +23,16 @@ class LoggedRecord:
     value: RecordValue | None  # None when read with decode=False
 
 
+def session_span(index: dict[str, Any] | None, topic: str) -> tuple[int, int] | None:
+    """(first offset, end offset) of a session's records on `topic` from the session index
+    (replay/index.py), or None: then the session's partition is read from its start."""
+    span = (index or {}).get("topics", {}).get(topic)
+    return (int(span["first"]), int(span["last"]) + 1) if span else None
+
+
 def read_session(bus: Bus, settings: Settings, session_id: str, topic: str,
-                 codec: AvroCodec | None = None, decode: bool = True) -> list[LoggedRecord]:
+                 codec: AvroCodec | None = None, decode: bool = True,
+                 index: dict[str, Any] | None = None) -> list[LoggedRecord]:
     """Every record of `session_id` on logical `topic`, in log order, each (producer, seq)
     once. Undecodable records are skipped here; they are already in the dead-letter topic.
     `decode=False` leaves values undecoded (None): counting and timing need only headers."""
@@ -36,7 +45,8 @@ def read_session(bus: Bus, settings: Settings, session_id: str, topic: str,
     out = []
     keys: KeyStore | None = None
     erased = False
-    for msg in admin.read(physical, partition):
+    span = session_span(index, topic)
+    for msg in admin.read(physical, partition, *(span or (0,))):
         if msg.key != key:
             continue
         hdr = RecordHeaders.decode(msg)
