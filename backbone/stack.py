@@ -35,6 +35,12 @@ def up(run_dir: Path, foreground: bool = False) -> dict[str, int]:
                                 stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         pids[name] = proc.pid
         print(f"{name}: pid {proc.pid}, metrics http://127.0.0.1:{METRICS_BASE_PORT + i}/metrics")
+    env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": bootstrap}
+    index = subprocess.Popen([sys.executable, "-m", "backbone.cli", "index"], env=env,
+                             stdout=open(run_dir / "index.log", "ab"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    pids["index"] = index.pid
+    print(f"index: pid {index.pid} (session index for replay)")
     pids["gateway"], url = _gateway(run_dir, bootstrap)
     (run_dir / "pids.json").write_text(json.dumps(pids))
     print(f"broker {bootstrap}; logs in {run_dir}; stop with `avatar down`")
