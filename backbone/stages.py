@@ -11,11 +11,12 @@ STAGES: dict[str, str] = {
     "asr": "processors.asr:AsrStage",
     "dialogue": "processors.dialogue:DialogueStage",
     "tts": "processors.tts:TtsStage",
+    "align": "processors.align:AlignStage",
     "animate": "processors.animate:AnimateStage",
     "render": "processors.render:RenderStage",
 }
 # What `avatar up` and `avatar topics create` provision and run, in flow order.
-PIPELINE = ("asr", "dialogue", "tts", "animate", "render")
+PIPELINE = ("asr", "dialogue", "tts", "align", "animate", "render")
 
 
 def load_stage(spec: str, **kwargs: Any) -> Stage:

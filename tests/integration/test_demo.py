@@ -63,3 +63,40 @@ def test_mouth_opens_and_closes_in_time_with_the_speech(demo_mp4):
     k = np.ones(5) / 5
     r = np.corrcoef(np.convolve(openness, k, "same"), np.convolve(energy, k, "same"))[0, 1]
     assert r > 0.4
+
+
+def test_demo_animates_a_wav_file_through_align(tmp_path):
+    import wave
+
+    from processors.espeak import EspeakSynth
+
+    synth = EspeakSynth()
+    synth.start()
+    said = synth.synthesize("Maybe my mother made more pie.", voice="en-gb-x-rp+m3")
+    wav = tmp_path / "own.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(said.sample_rate)
+        w.writeframes(said.pcm.tobytes())
+    out = tmp_path / "own.mp4"
+    subprocess.run([sys.executable, "-m", "backbone.cli", "--log-level", "WARNING", "demo",
+                    "--audio", str(wav), "-o", str(out), "--data-dir", str(tmp_path / "d")],
+                   cwd=ROOT, check=True, timeout=300)
+    frames, audio, sr, fps = decode(out)
+    assert abs(len(audio) / sr - said.duration_s) < 0.1  # the file's own speech, intact
+    assert len(frames) / fps >= said.duration_s
+    lm = default_pack(512).landmarks
+    cx, cy = (lm[13][:2] + lm[14][:2]) / 2
+    mouth = np.array([f[int(cy - 8):int(cy + 14), int(cx - 20):int(cx + 20)].mean()
+                      for f in frames])
+    assert np.ptp(mouth) > 15  # the lips move to it
+
+
+def test_demo_refuses_a_file_that_is_not_wav(tmp_path):
+    bad = tmp_path / "x.wav"
+    bad.write_bytes(b"not audio")
+    r = subprocess.run([sys.executable, "-m", "backbone.cli", "demo", "--audio", str(bad),
+                        "-o", str(tmp_path / "x.mp4"), "--data-dir", str(tmp_path / "d")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a PCM WAV" in r.stderr
