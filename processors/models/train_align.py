@@ -4,7 +4,11 @@ Data: random English sentences read by many eSpeak voices and variants at random
 pitches, degraded (noise, reverberation, a trip through another sample rate, gain, clipping);
 eSpeak's exact phoneme times are the frame labels. Held-out voices and words are kept out.
 
-    python -m processors.models.train_align --steps 4000 --minutes 35 --out processors/models/align_ctc.pt
+The shipped checkpoint (one core, shared with other jobs, ~70 minutes in all):
+    python -m processors.models.train_align --minutes 40 --steps 3000 --out /tmp/a.pt
+    python -m processors.models.train_align --minutes 28 --steps 3000 --lr 1.5e-3 --seed 1 \
+        --init /tmp/a.pt --out processors/models/align_ctc.pt
+(820 + 1074 steps of 12 utterances, ~4.4 s each.) Then: python benchmarks/align.py
 """
 from __future__ import annotations
 
