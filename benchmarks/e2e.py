@@ -5,8 +5,10 @@ A broker (temp home), the stages tts, align, animate, render and the gateway run
 processes; this process is the integrator and the viewer (aiortc over WHEP on loopback).
 - text_to_frame: POST /speak -> the first frame at the viewer whose mouth has moved.
 - audio_to_frame: the integrator streams its own speech over the WebSocket in real time
-  (100 ms chunks, phonemes found by align); the chunk holding an utterance's onset leaves
-  -> the first frame at the viewer whose mouth has moved.
+  (40 ms chunks, each sent when its last sample exists; phonemes found by align): every
+  speech chunk as logged on arrival -> the viewer receiving the first frame at its media
+  time (each viewer frame is matched to its logged access unit by its decoded pixels).
+- text_to_frame: POST /speak -> the viewer receiving the frame of the first phoneme.
 - av_offset: the lag that best aligns the mouth's movement with the speech envelope
   (cross-correlation over each utterance, median), at the viewer minus the same measure on
   the logged media in media time: what delivery did to the sync the pipeline wrote. The
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KEY = "e2e-bench-key-0123456789"
+CHUNK_MS = 40  # the integrator streams its speech in 40 ms messages, each sent once recorded
 SENTENCES = ["Hello there, nice to meet you.", "Maybe we could meet on Monday.",
              "Please bring the map and the big box.", "My mother made a warm apple pie.",
              "Bob put the paper back on the pile.", "We might miss the morning bus."]
@@ -55,7 +58,14 @@ def _free_port() -> int:
 @dataclasses.dataclass
 class Arrivals:
     video: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)  # t, mouth, h
+    prints: list[bytes] = dataclasses.field(default_factory=list)  # pixel digest per frame
     audio: list[tuple[float, float]] = dataclasses.field(default_factory=list)  # t, rms
+
+
+def _digest(gray: np.ndarray) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(gray).tobytes(), digest_size=12).digest()
 
 
 def _mouth_box(size: int) -> tuple[slice, slice]:
@@ -92,6 +102,7 @@ async def _view(base: str, sid: str, token: str, box: tuple[slice, slice], out: 
             if track.kind == "video":
                 gray = frame.to_ndarray(format="gray")
                 out.video.append((t, float(gray[box].mean()), frame.height))
+                out.prints.append(_digest(gray))
             else:
                 a = frame.to_ndarray().astype(np.float32)
                 out.audio.append((t, float(np.sqrt((a * a).mean()))))
@@ -118,14 +129,14 @@ def _stream_speech(base: str, sid: str, token: str, pcm: np.ndarray, sr: int) ->
     from websockets.sync.client import connect
 
     url = base.replace("http", "ws", 1) + f"/v1/sessions/{sid}/ws?token={token}"
-    step = sr // 10
+    step = sr * CHUNK_MS // 1000
     onset = int(np.argmax(np.abs(pcm) > 500))
     sent_at = 0.0
     with connect(url) as ws:
         ws.send(json.dumps({"type": "audio_format", "sample_rate": sr, "purpose": "speech"}))
         t0 = time.perf_counter()
         for k in range(0, len(pcm), step):
-            delay = t0 + k / sr - time.perf_counter()
+            delay = t0 + (k + step) / sr - time.perf_counter()  # a chunk exists once recorded
             if delay > 0:
                 time.sleep(delay)
             ws.send(pcm[k:k + step].astype("<i2").tobytes())
@@ -242,12 +253,15 @@ def main() -> None:
             audio_marks.append(_stream_speech(base, sid, token, s.pcm, s.sample_rate))
             time.sleep(2.0)
         time.sleep(1.0)
+        result["gateway_metrics"] = _gateway_histograms(base)
         loop.call_soon_threadsafe(stop.set)
         viewer.join(15)
         result |= _figures(arrivals, text_marks, audio_marks)
         result |= _logged_offset(settings, sid, args.fps, box)
+        result |= _exact(settings, sid, args.fps, arrivals, text_marks)
         if result["av_offset_viewer_ms"] is not None and result["av_offset_log_ms"] is not None:
-            result["av_offset_ms"] = result["av_offset_viewer_ms"] - result["av_offset_log_ms"]
+            result["lipsync_shift_ms"] = (result["av_offset_viewer_ms"]
+                                          - result["av_offset_log_ms"])
         result["frames_at_viewer"] = len(arrivals.video)
         result["viewer_fps"] = _fps(arrivals.video)
     finally:
@@ -282,6 +296,18 @@ def _wait_for_gateway(base: str) -> Any:
     raise RuntimeError("the gateway did not start")
 
 
+def _gateway_histograms(base: str) -> dict[str, Any]:
+    """The gateway's own view: how early frames reached it, and the playout delay it chose."""
+    import httpx
+
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    out: dict[str, Any] = {}
+    for name in ("avatar_gateway_playout_delay_seconds", "avatar_gateway_frame_arrival_slack_seconds"):
+        rows = [ln for ln in text.splitlines() if ln.startswith(name + "_bucket")]
+        out[name] = {ln.split('le="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in rows}
+    return out
+
+
 def _fps(video: list[tuple[float, float, int]]) -> float:
     if len(video) < 2:
         return 0.0
@@ -307,9 +333,10 @@ def _figures(arr: Arrivals, text_marks: list[float], audio_marks: list[float]) -
         return float(np.percentile(xs, q)) if xs else None
 
     return {
-        "audio_to_frame_p50_ms": pct(audio_lat, 50), "audio_to_frame_p95_ms": pct(audio_lat, 95),
-        "audio_to_frame_p99_ms": pct(audio_lat, 99), "text_to_frame_p50_ms": pct(text_lat, 50),
-        "text_to_frame_p95_ms": pct(text_lat, 95),
+        "onset_audio_to_mouth_p50_ms": pct(audio_lat, 50),
+        "onset_audio_to_mouth_p95_ms": pct(audio_lat, 95),
+        "onset_text_to_mouth_p50_ms": pct(text_lat, 50),
+        "onset_text_to_mouth_p95_ms": pct(text_lat, 95),
         "av_offset_viewer_ms": float(np.median(offsets)) if offsets else None,
         "av_offsets_viewer_ms": offsets, "audio_to_frame_ms": audio_lat, "text_to_frame_ms": text_lat,
         "utterances_detected": {"text": len(text_lat), "audio": len(audio_lat),
@@ -317,6 +344,102 @@ def _figures(arr: Arrivals, text_marks: list[float], audio_marks: list[float]) -
         "mouth_threshold": thr,
         "_series": {"mouth": mouth, "audio": audio, "text": text_marks, "speech": audio_marks},
     }
+
+
+def _exact(settings: Any, sid: str, fps: int, arr: Arrivals,
+           text_marks: list[float]) -> dict[str, Any]:
+    """Latency and sync from the log itself: each frame at the viewer is matched to its logged
+    access unit (decoded pixels), so its media time is known exactly; a speech chunk's
+    media time and arrival are in its record. No mouth-movement threshold is involved."""
+    import av
+
+    from backbone.kafka_bus import KafkaBus
+    from backbone.records import PhonemeSpans, SpeechChunk
+    from replay.reader import read_session, session_audio, session_video
+
+    bus = KafkaBus(settings.bootstrap)
+    video = session_video(read_session(bus, settings, sid, "video"))
+    codec = av.CodecContext.create("h264", "r")
+    # H.264 decoding is exact: the viewer's decoder (started at a keyframe) and this one
+    # give the same pixels for the same access unit, so a hash identifies each frame.
+    by_hash: dict[bytes, list[int]] = {}
+    logged = 0
+    for v in video:
+        for frame in codec.decode(av.Packet(v.data)):
+            by_hash.setdefault(_digest(frame.to_ndarray(format="gray")), []).append(v.pts)
+            logged += 1
+    shown: dict[int, float] = {}
+    last = -1
+    for (t, _, _), digest in zip(arr.video, arr.prints):
+        candidates = [p for p in by_hash.get(digest, []) if p > last]
+        if candidates:
+            last = candidates[0]
+            shown.setdefault(last, t)
+    offsets_v = [t - pts / fps for pts, t in shown.items()]
+    # Every speech chunk from the gateway (the integrator's own audio): logged when it came
+    # in -> the first frame showing its start.
+    chunk_lat = []
+    for r in read_session(bus, settings, sid, "speech.audio"):
+        c = r.value
+        if isinstance(c, SpeechChunk) and r.headers.stage == "gateway" and c.n_samples:
+            pts = int(np.ceil(c.start_sample / c.sample_rate * fps))
+            if pts in shown:
+                chunk_lat.append((shown[pts] - r.message.timestamp_ms / 1000) * 1000)
+    # Each speak request -> the first frame of its speech (its first phoneme after a pause).
+    text_lat = []
+    spans = [(r.message.timestamp_ms / 1000, s) for r in read_session(
+        bus, settings, sid, "speech.phonemes") if isinstance(r.value, PhonemeSpans)
+        and r.headers.stage == "tts" for s in r.value.spans if s.phoneme != "_"][:]
+    for t in text_marks:
+        first = next((s for ts, s in spans if ts >= t), None)
+        if first is not None:
+            pts = int(np.ceil(first.start_sample / 22050 * fps))
+            if pts in shown:
+                text_lat.append((shown[pts] - t) * 1000)
+    # Audio at the viewer against the logged speech, by envelope, utterance by utterance
+    # (the playout delay adapts, so offsets are compared within one utterance's window).
+    pcm, sr = session_audio(read_session(bus, settings, sid, "speech.audio"))
+    hop = sr // 100
+    env = np.abs(pcm.astype(np.float32))
+    media_env = np.array([float(env[i:i + hop].mean()) * 1.25
+                          for i in range(0, len(env) - hop, hop)])
+    ta = np.array([t for t, _ in arr.audio])
+    va = np.array([v for _, v in arr.audio])
+    av_offsets = []
+    loud = np.flatnonzero(media_env > 300)
+    starts = [int(loud[0])] + [int(b) for a, b in zip(loud[:-1], loud[1:]) if b - a > 50] \
+        if len(loud) else []
+    for k0 in starts:  # each utterance: 3 s of media from its onset
+        grid = np.arange(k0, min(len(media_env), k0 + 300)) / 100.0
+        local = [(t - pts / fps) for pts, t in shown.items() if grid[0] <= pts / fps <= grid[-1]]
+        if len(grid) < 50 or len(local) < 10 or len(ta) < 10:
+            continue
+        off_v = float(np.median(local))
+        m = media_env[k0:k0 + len(grid)]
+        best, best_score = None, -1e18
+        for lag_ms in range(-300, 301, 5):
+            a = np.interp(grid + off_v + lag_ms / 1000, ta, va, left=0, right=0)
+            score = float(np.dot(m - m.mean(), a - a.mean()))
+            if score > best_score:
+                best, best_score = lag_ms, score
+        if best is not None:
+            av_offsets.append(-float(best))  # positive: video later than audio
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return float(np.percentile(xs, q)) if xs else None
+
+    out: dict[str, Any] = {
+        "frames_matched": len(shown), "frames_logged": logged,
+        "audio_to_frame_p50_ms": pct(chunk_lat, 50), "audio_to_frame_p95_ms": pct(chunk_lat, 95),
+        "audio_to_frame_p99_ms": pct(chunk_lat, 99), "audio_chunks_timed": len(chunk_lat),
+        "text_to_frame_p50_ms": pct(text_lat, 50), "text_to_frame_p95_ms": pct(text_lat, 95),
+        "video_offset_ms": float(np.median(offsets_v)) * 1000 if offsets_v else None,
+        "audio_to_frame_chunks_ms": chunk_lat, "text_to_frame_exact_ms": text_lat,
+    }
+    if av_offsets:
+        out["av_offset_ms"] = float(np.median(av_offsets))
+        out["av_offsets_ms"] = av_offsets
+    return out
 
 
 def _logged_offset(settings: Any, sid: str, fps: int, box: tuple[slice, slice]) -> dict[str, Any]:
@@ -358,7 +481,10 @@ def _plot(result: dict[str, Any], series: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 6))
-    for key, label in (("text_to_frame_ms", "text -> frame"), ("audio_to_frame_ms", "audio -> frame")):
+    for key, label in (("text_to_frame_exact_ms", "text -> its first frame"),
+                       ("audio_to_frame_chunks_ms", "audio chunk -> its frame"),
+                       ("text_to_frame_ms", "text -> mouth visibly moves"),
+                       ("audio_to_frame_ms", "speech onset -> mouth visibly moves")):
         xs = sorted(result.get(key) or [])
         if xs:
             a1.plot(xs, np.linspace(0, 1, len(xs)), marker="o", label=label)

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +30,20 @@ log = logging.getLogger("avatar.gateway.webrtc")
 AUDIO_RATE = 48000
 AUDIO_FRAME = 960  # 20 ms at 48 kHz: Opus's frame
 VIDEO_CLOCK = 90000
-# Media time t is shown at t0 + t + PLAYOUT_DELAY_S: covers idle frames trailing the clock
-# (80 ms), render + encode and the hops between, so frames are on time, not merely fast.
-PLAYOUT_DELAY_S = float(os.environ.get("AVATAR_PLAYOUT_DELAY_S", "0.15"))
+# Media time t is shown at t0 + t + delay. The delay adapts per viewer, like a jitter
+# buffer: it is what the last frames needed to be on time (their 95th percentile over about
+# two seconds) plus a margin, so voice and lips stay together when the pipeline is slow and
+# latency falls again when it is fast. PLAYOUT_DELAY_S is where it starts.
+PLAYOUT_DELAY_S = float(os.environ.get("AVATAR_PLAYOUT_DELAY_S", "0.1"))
+MIN_DELAY_S = 0.03
+MAX_DELAY_S = 1.0
+DELAY_MARGIN_S = 0.015  # above the 95th percentile of what frames needed
+DELAY_WINDOW = 50  # frames (2 s at 25 fps) the percentile is taken over
 MAX_PEERS = 200  # per gateway; each peer costs an Opus encoder and two bus subscriptions
 
+PLAYOUT_DELAY = Histogram("avatar_gateway_playout_delay_seconds",
+                          "Adaptive playout delay of WebRTC viewers, per video frame",
+                          buckets=(0.03, 0.05, 0.07, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0))
 LATE_FRAMES = Counter("avatar_gateway_late_frames_total",
                       "Frames that reached the gateway after their playout time", ["kind"])
 FRAME_LATENESS = Histogram("avatar_gateway_frame_arrival_slack_seconds",
@@ -51,9 +61,12 @@ class WhepError(ValueError):
 
 @dataclass
 class MediaClock:
-    """Wall time (s, time.time()) at which media time 0 of the session is shown."""
+    """When media time is shown to one viewer: origin (wall time, s, of media time 0 in the
+    session) + media time + an adaptive playout delay shared by its audio and video."""
 
     origin_s: float | None = None
+    delay_s: float = PLAYOUT_DELAY_S
+    needed: deque[float] = field(default_factory=lambda: deque(maxlen=DELAY_WINDOW))
 
     def anchor(self, media_s: float) -> None:
         if self.origin_s is None:  # a session from another gateway: start from what arrives
@@ -61,7 +74,14 @@ class MediaClock:
 
     def due(self, media_s: float) -> float:
         assert self.origin_s is not None
-        return self.origin_s + media_s + PLAYOUT_DELAY_S
+        return self.origin_s + media_s + self.delay_s
+
+    def observe(self, slack_s: float) -> None:
+        """A video frame arrived `slack_s` before its time (negative: after)."""
+        self.needed.append(self.delay_s - slack_s)  # the delay that would have been enough
+        want = float(np.percentile(self.needed, 95)) + DELAY_MARGIN_S
+        self.delay_s = min(MAX_DELAY_S, max(MIN_DELAY_S, want))
+        PLAYOUT_DELAY.observe(self.delay_s)
 
 
 class LoggedVideoTrack(MediaStreamTrack):
@@ -90,6 +110,7 @@ class LoggedVideoTrack(MediaStreamTrack):
             self.clock.anchor(media_s)
             slack = self.clock.due(media_s) - time.time()
             FRAME_LATENESS.labels("video").observe(slack)
+            self.clock.observe(slack)
             if slack > 0:
                 await asyncio.sleep(min(slack, 5.0))
             else:
@@ -154,7 +175,7 @@ class SpeechAudioTrack(MediaStreamTrack):
             self._silent += AUDIO_FRAME
             return self._frame(np.zeros(AUDIO_FRAME, np.int16), self._silent - AUDIO_FRAME)
         if self._next is None:
-            media_now = time.time() - self.clock.origin_s - PLAYOUT_DELAY_S
+            media_now = time.time() - self.clock.origin_s - self.clock.delay_s
             self._next = max(0, int(media_now * AUDIO_RATE) // AUDIO_FRAME * AUDIO_FRAME)
         start = self._next
         wait = self.clock.due(start / AUDIO_RATE) - time.time()

@@ -25,9 +25,9 @@ F32 = npt.NDArray[np.float32]
 CHUNK_S = 0.08  # motion records of 80 ms: 2 frames at 25 fps, 8 at 100 fps
 TAIL_S = 0.4  # offline, after the last phoneme: let the mouth settle back to rest
 KEEP_SPANS_S = 1.0  # spans kept in state for coarticulation across utterance boundaries
-# Live idle frames trail the media clock by this much, so speech that tts places "now"
-# always lands after the last idle frame (tts -> animate takes a few ms plus one tick).
-IDLE_LAG_S = 0.08
+# Live idle frames trail the media clock by this much, so speech that tts (or the gateway)
+# places "now" lands after the last idle frame: a hop takes a few ms, a tick 20 ms.
+IDLE_LAG_S = 0.04
 # Speech whose next phonemes have not come for this long is over (a tts instance died
 # mid-utterance): the face goes idle rather than freezing.
 STALE_SPEECH_S = 2.0
@@ -144,8 +144,8 @@ class AnimateStage(BaseStage):
         fps = session_config(state).fps
         target = int(((now - int(state.data["t0_ms"])) / 1000 - IDLE_LAG_S) * fps)
         next_frame = int(state.data.get("next_frame", 0))
-        if target - next_frame < max(1, round(CHUNK_S * fps)):
-            return []
+        if target <= next_frame:
+            return []  # idle frames go out one by one: a viewer waits for none of them
         if target - next_frame > MAX_CATCH_UP_S * fps:
             state.data["next_frame"] = target - int(MAX_CATCH_UP_S * fps)
         return self._frames_until(state, target, "idle", False)
