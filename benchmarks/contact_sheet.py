@@ -48,6 +48,7 @@ def poses() -> list[tuple[str, NDArray[np.float32], NDArray[np.float32]]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", default=str(ROOT / "docs" / "contact_sheet.png"))
+    p.add_argument("--pack", default=None, help="a portrait pack file (default: the shipped one)")
     args = p.parse_args()
 
     import matplotlib
@@ -55,7 +56,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    renderer = FaceRenderer(size=SIZE)
+    renderer = FaceRenderer(size=SIZE, pack_path=args.pack)
     renderer.start()
     lm = renderer.pack.landmarks[:, :2]
     # Face box: the landmarks' extent plus a margin; mouth box: the lips plus a margin.

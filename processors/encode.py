@@ -108,6 +108,8 @@ class H264Encoder:
         # Kept for the encoder's life: ``VideoFrame.reformat`` builds a new swscale context
         # per call, which costs more than the RGB -> YUV conversion itself (~1.3 ms at 512).
         self._reformatter = VideoReformatter()
+        self._i420: av.VideoFrame | None = None
+        self._i420_planes: list[NDArray[np.uint8]] = []
 
     @property
     def extradata(self) -> bytes | None:
@@ -157,6 +159,35 @@ class H264Encoder:
                              f"{frame_rgb.dtype} {frame_rgb.shape}")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_rgb), format="rgb24")
         frame = self._reformatter.reformat(frame, format="yuv420p")
+        return self._send(ctx, frame, pts)
+
+    def encode_i420(self, frame_i420: NDArray[np.uint8], pts: int) -> list[EncodedPacket]:
+        """Encode one I420 frame ((height * 3 // 2, width) uint8: the Y plane, then U, then
+        V, BT.601 limited range) shown at frame ``pts``. No colour conversion: the planes are
+        copied into a frame the encoder keeps for its life (the codec copies them again
+        into its own picture during the call, so the frame is free for the next one)."""
+        ctx = self._require()
+        h, w = self.height, self.width
+        if frame_i420.shape != (h * 3 // 2, w) or frame_i420.dtype != np.uint8:
+            raise ValueError(f"expected uint8 ({h * 3 // 2}, {w}) I420, got "
+                             f"{frame_i420.dtype} {frame_i420.shape}")
+        if self._i420 is None:
+            self._i420 = av.VideoFrame(w, h, "yuv420p")
+            self._i420_planes = [
+                np.frombuffer(memoryview(p), dtype=np.uint8).reshape(
+                    p.height, p.line_size)[:, :p.width]
+                for p in self._i420.planes]
+        flat = frame_i420.reshape(-1)
+        q = (h // 2) * (w // 2)
+        ys, us, vs = self._i420_planes
+        np.copyto(ys, flat[:h * w].reshape(h, w))
+        np.copyto(us, flat[h * w:h * w + q].reshape(h // 2, w // 2))
+        np.copyto(vs, flat[h * w + q:].reshape(h // 2, w // 2))
+        self._i420.pict_type = PictureType.NONE
+        return self._send(ctx, self._i420, pts)
+
+    def _send(self, ctx: av.VideoCodecContext, frame: av.VideoFrame,
+              pts: int) -> list[EncodedPacket]:
         frame.pts = pts
         frame.time_base = fractions.Fraction(1, self.fps)
         if self._force:
@@ -223,6 +254,9 @@ def write_mp4(path: str | Path, packets: Sequence[EncodedPacket], width: int, he
             assert isinstance(audio, av.AudioStream)
             audio.codec_context.layout = "mono"
             audio.codec_context.bit_rate = AAC_BITRATE
+            # FFmpeg's default "twoloop" AAC search is 2x slower for no audible gain on
+            # speech; an export of ten minutes spends most of its time here.
+            audio.codec_context.options = {"aac_coder": "fast"}
         for i, pkt in enumerate(packets):
             avp = av.Packet(head if i == 0 else pkt.data)
             avp.stream = video

@@ -40,7 +40,7 @@ I64 = NDArray[np.int64]
 BoolA = NDArray[np.bool_]
 
 PACK_VERSION: Final = 1
-FIELD_RES: Final = 128  # coarse grid: 29 fields x 128^2 x 2 stay ~1 MB compressed
+FIELD_RES: Final = 128  # coarse grid: 31 fields x 128^2 x 2 stay ~1.2 MB compressed
 DEFAULT_SIZE: Final = 512
 MIN_FACE_PX: Final = 96  # below this the upscaled face is mush; ask for a better photo
 PORTRAITS_DIR: Final = Path(__file__).resolve().parent / "portraits"
@@ -51,7 +51,8 @@ DRIVEN: Final[tuple[str, ...]] = (
     "mouthSmileLeft", "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight",
     "mouthRollLower", "mouthRollUpper", "mouthUpperUpLeft", "mouthUpperUpRight",
     "mouthLowerDownLeft", "mouthLowerDownRight", "mouthFrownLeft", "mouthFrownRight",
-    "eyeBlinkLeft", "eyeBlinkRight", "eyeSquintLeft", "eyeSquintRight",
+    "eyeBlinkLeft", "eyeBlinkRight", "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft",
+    "eyeWideRight",
     "browInnerUp", "browDownLeft", "browDownRight", "browOuterUpLeft", "browOuterUpRight",
     "cheekSquintLeft", "cheekSquintRight",
 )
@@ -685,22 +686,32 @@ def _press(face: _Face, side_sign: float) -> F64:
 
 
 def _round_lips(face: _Face, narrow: float, inner_open: float, outer_open: float,
-                close: bool) -> F64:
-    """Funnel and pucker: corners drawn in; lips opened into an O or pushed together."""
+                close: bool, level: float = 0.0, flare: float = 0.0) -> F64:
+    """Funnel and pucker: corners drawn in; lips opened into an O or pushed together.
+
+    Rounded lips also level the corners with the mouth's middle (``level``: a smiling
+    photo's raised corners come down, or a rounded mouth still reads as a grin) and push
+    forwards, which from the front shows as fuller lips (``flare``, mouth widths).
+    """
     upper, lower, corners = _mouth_sets(face)
     p = face.p
     d = np.zeros_like(p)
     lips = np.concatenate([upper, lower, corners])
     d[lips, 0] = -narrow * (p[lips, 0] - face.mouth_cx)
+    middle = float(face.slit_y(np.array([face.mouth_cx]))[0])
+    slit = face.slit_y(np.clip(p[:, 0], p[78, 0], p[308, 0]))
+    towards_corner = np.clip(np.abs(p[:, 0] - face.mouth_cx) / (face.mouth_w / 2), 0, 1)
+    d[lips, 1] = level * (middle - slit[lips]) * towards_corner[lips] ** 1.5
     c = np.sqrt(face.lip_profile(p[:, 0]))
     rho = _lip_rho(face, np.arange(len(p)))
     w = face.mouth_w
     opening = (inner_open + (outer_open - inner_open) * rho) * w * c
+    opening = opening + flare * w * rho * np.sqrt(c)
     if close:
         shut = _closing(face, np.arange(len(p))) * (1 - rho) * (c > 0)
         opening = opening - shut
-    d[upper, 1] = -opening[upper]
-    d[lower, 1] = opening[lower]
+    d[upper, 1] -= opening[upper]
+    d[lower, 1] += opening[lower]
     drivers = np.zeros(len(p), bool)
     drivers[lips] = True
     eyes = _pins(*EYE_LOWER.values(), *EYE_UPPER.values())
@@ -710,8 +721,11 @@ def _round_lips(face: _Face, narrow: float, inner_open: float, outer_open: float
 
 
 def _corner_pull(face: _Face, left: bool, vec: tuple[float, float], upper_lift: float,
-                 lower_drop: float, radius: float) -> F64:
-    """Smile, stretch, frown: one mouth corner pulled along ``vec`` (mouth widths)."""
+                 lower_drop: float, radius: float, close: float = 0.0) -> F64:
+    """Smile, stretch, frown: one mouth corner pulled along ``vec`` (mouth widths).
+
+    ``close`` brings that half's lips together by that fraction of their gap (a frown
+    hides the teeth a grin shows)."""
     upper, lower, corners = _mouth_sets(face)
     p = face.p
     corner = p[291] if left else p[61]
@@ -725,6 +739,11 @@ def _corner_pull(face: _Face, left: bool, vec: tuple[float, float], upper_lift: 
     c = np.sqrt(face.lip_profile(p[:, 0]))
     d[upper, 1] -= upper_lift * w * c[upper]
     d[lower, 1] += lower_drop * w * c[lower] * along[lower]
+    if close:
+        half = 1 / (1 + np.exp(-outward * (p[:, 0] - face.mouth_cx) / (0.08 * w)))
+        shut = close * _closing(face, np.arange(len(p))) * half * (c > 0)
+        d[upper, 1] += shut[upper]
+        d[lower, 1] -= shut[lower]
     drivers = np.zeros(len(p), bool)
     drivers[lips] = True
     pins = _pins(*EYE_LOWER.values(), *EYE_UPPER.values(), (4, 1, 5, 195))  # eyes, nose
@@ -790,6 +809,21 @@ def _blink(face: _Face, eye: str) -> F64:
     return _extend(face, drivers, d, 0.08 * face.face_h, sigma=0.03 * face.face_h)
 
 
+def _wide(face: _Face, eye: str) -> F64:
+    """eyeWide: the upper lid goes up into its fold (more white above the iris), the lower
+    lid drops a little; the brow stays (browOuterUp/InnerUp move it)."""
+    p = face.p
+    d = np.zeros_like(p)
+    up = np.array(EYE_UPPER[eye])
+    lo = np.array(EYE_LOWER[eye])
+    d[up[1:-1], 1] = -0.35 * face.eye_opening(eye, p[up[1:-1], 0])
+    d[lo[1:-1], 1] = 0.08 * face.eye_opening(eye, p[lo[1:-1], 0])
+    drivers = np.zeros(len(p), bool)
+    brow = _pins(BROW_LOWER[eye], BROW_UPPER[eye])
+    drivers[np.concatenate([up, lo, brow])] = True
+    return _extend(face, drivers, d, 0.06 * face.face_h, sigma=0.03 * face.face_h)
+
+
 def _squint(face: _Face, eye: str, lid_up: float, cheek_up: float) -> F64:
     """eyeSquint / cheekSquint: the lower lid and cheek rise and cover the eye from below."""
     p = face.p
@@ -837,14 +871,19 @@ DESIGNS: Final[dict[str, Design]] = {
     "mouthClose": _mouth_close,
     "mouthPressLeft": lambda f: _press(f, 1.0),
     "mouthPressRight": lambda f: _press(f, -1.0),
-    "mouthFunnel": lambda f: _round_lips(f, 0.2, 0.035, 0.06, close=False),
-    "mouthPucker": lambda f: _round_lips(f, 0.28, 0.0, 0.015, close=True),
+    "mouthFunnel": lambda f: _round_lips(f, 0.3, 0.05, 0.075, close=False, level=0.6,
+                                         flare=0.01),
+    "mouthPucker": lambda f: _round_lips(f, 0.42, 0.0, 0.015, close=True, level=0.8,
+                                         flare=0.02),
     "mouthSmileLeft": lambda f: _corner_pull(f, True, (0.07, -0.1), 0.012, 0.0, 0.2),
     "mouthSmileRight": lambda f: _corner_pull(f, False, (0.07, -0.1), 0.012, 0.0, 0.2),
     "mouthStretchLeft": lambda f: _corner_pull(f, True, (0.08, 0.035), 0.0, 0.025, 0.15),
     "mouthStretchRight": lambda f: _corner_pull(f, False, (0.08, 0.035), 0.0, 0.025, 0.15),
-    "mouthFrownLeft": lambda f: _corner_pull(f, True, (0.0, 0.08), 0.0, 0.0, 0.15),
-    "mouthFrownRight": lambda f: _corner_pull(f, False, (0.0, 0.08), 0.0, 0.0, 0.15),
+    # Strong enough to turn a smiling photo's corners down at the weights emotions use.
+    "mouthFrownLeft": lambda f: _corner_pull(f, True, (-0.05, 0.3), 0.0, 0.0, 0.15,
+                                                   close=0.8),
+    "mouthFrownRight": lambda f: _corner_pull(f, False, (-0.05, 0.3), 0.0, 0.0,
+                                                    0.15, close=0.8),
     "mouthRollLower": lambda f: _roll(f, lower_lip=True),
     "mouthRollUpper": lambda f: _roll(f, lower_lip=False),
     "mouthUpperUpLeft": lambda f: _lip_side_raise(f, True, True, 0.07),
@@ -853,11 +892,13 @@ DESIGNS: Final[dict[str, Design]] = {
     "mouthLowerDownRight": lambda f: _lip_side_raise(f, False, False, 0.07),
     "eyeBlinkLeft": lambda f: _blink(f, "Left"),
     "eyeBlinkRight": lambda f: _blink(f, "Right"),
+    "eyeWideLeft": lambda f: _wide(f, "Left"),
+    "eyeWideRight": lambda f: _wide(f, "Right"),
     "eyeSquintLeft": lambda f: _squint(f, "Left", 0.3, 0.01),
     "eyeSquintRight": lambda f: _squint(f, "Right", 0.3, 0.01),
-    "browInnerUp": lambda f: _brow(f, ("Right", "Left"), 0.06, 1.0, 0.25),
-    "browDownLeft": lambda f: _brow(f, ("Left",), -0.045, 1.0, 0.5, inward=0.015),
-    "browDownRight": lambda f: _brow(f, ("Right",), -0.045, 1.0, 0.5, inward=0.015),
+    "browInnerUp": lambda f: _brow(f, ("Right", "Left"), 0.085, 1.0, 0.15),
+    "browDownLeft": lambda f: _brow(f, ("Left",), -0.08, 1.0, 0.4, inward=0.03),
+    "browDownRight": lambda f: _brow(f, ("Right",), -0.08, 1.0, 0.4, inward=0.03),
     "browOuterUpLeft": lambda f: _brow(f, ("Left",), 0.055, 0.15, 1.0),
     "browOuterUpRight": lambda f: _brow(f, ("Right",), 0.055, 0.15, 1.0),
     "cheekSquintLeft": lambda f: _squint(f, "Left", 0.25, 0.035),

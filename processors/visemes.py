@@ -42,19 +42,20 @@ VISEME_TARGETS: Final[Mapping[str, Mapping[str, float]]] = MappingProxyType({
     "PP": _shape(_both("mouthPress", 0.55), jawOpen=0.02, mouthClose=0.02,
                  mouthRollLower=0.25, mouthRollUpper=0.15),
     # lower lip tucked under the upper teeth, upper lip lifted to show them
-    "FF": _shape(_both("mouthUpperUp", 0.3), _both("mouthStretch", 0.1), jawOpen=0.08,
-                 mouthRollLower=0.6),
-    "TH": _shape(_both("mouthUpperUp", 0.1), _both("mouthLowerDown", 0.15), jawOpen=0.14,
-                 tongueOut=0.35),
+    "FF": _shape(_both("mouthUpperUp", 0.3), _both("mouthStretch", 0.05), jawOpen=0.05,
+                 mouthRollLower=0.85),
+    # the tongue tip shows between the teeth
+    "TH": _shape(_both("mouthUpperUp", 0.1), _both("mouthLowerDown", 0.15), jawOpen=0.18,
+                 tongueOut=0.7),
     "DD": _shape(_both("mouthStretch", 0.12), _both("mouthLowerDown", 0.1),
                  _both("mouthUpperUp", 0.05), jawOpen=0.16),
     "kk": _shape(_both("mouthStretch", 0.1), _both("mouthLowerDown", 0.05), jawOpen=0.2),
     # protruded, flared lips with the teeth nearly together
-    "CH": _shape(_both("mouthUpperUp", 0.15), _both("mouthLowerDown", 0.15), jawOpen=0.1,
-                 mouthFunnel=0.5, mouthPucker=0.25, mouthShrugUpper=0.15),
+    "CH": _shape(_both("mouthUpperUp", 0.15), _both("mouthLowerDown", 0.15), jawOpen=0.08,
+                 mouthFunnel=0.6, mouthPucker=0.35, mouthShrugUpper=0.15),
     "SS": _shape(_both("mouthStretch", 0.3), _both("mouthSmile", 0.12), _both("mouthUpperUp", 0.1),
                  _both("mouthLowerDown", 0.1), jawOpen=0.05),
-    "RR": _shape(_both("mouthUpperUp", 0.05), jawOpen=0.14, mouthFunnel=0.3, mouthPucker=0.25),
+    "RR": _shape(_both("mouthUpperUp", 0.05), jawOpen=0.12, mouthFunnel=0.45, mouthPucker=0.45),
     "aa": _shape(_both("mouthLowerDown", 0.25), _both("mouthUpperUp", 0.1), _both("mouthStretch", 0.05),
                  jawOpen=0.62),
     "E": _shape(_both("mouthStretch", 0.25), _both("mouthSmile", 0.12), _both("mouthLowerDown", 0.2),
@@ -62,8 +63,9 @@ VISEME_TARGETS: Final[Mapping[str, Mapping[str, float]]] = MappingProxyType({
     "I": _shape(_both("mouthStretch", 0.35), _both("mouthSmile", 0.25), _both("mouthUpperUp", 0.1),
                 _both("mouthLowerDown", 0.1), jawOpen=0.2),
     "O": _shape(_both("mouthLowerDown", 0.1), jawOpen=0.45, mouthFunnel=0.5, mouthPucker=0.2),
-    "U": _shape(jawOpen=0.2, mouthPucker=0.5, mouthFunnel=0.35),
-    "W": _shape(jawOpen=0.08, mouthPucker=0.8, mouthFunnel=0.45),
+    # rounded and protruded: corners drawn in to a small "oo" opening (W tighter than U)
+    "U": _shape(jawOpen=0.16, mouthPucker=0.65, mouthFunnel=0.45),
+    "W": _shape(jawOpen=0.06, mouthPucker=0.9, mouthFunnel=0.35),
 })
 
 # How strongly a viseme imposes its shape on its neighbours (coarticulation dominance):

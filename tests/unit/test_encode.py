@@ -115,3 +115,35 @@ def test_write_mp4_refuses_to_start_on_a_non_keyframe(tmp_path: Path) -> None:
     packets, enc = encode_all(5)
     with pytest.raises(ValueError, match="keyframe"):
         write_mp4(tmp_path / "x.mp4", packets[1:], SIZE, SIZE, FPS, None, 16000, enc.extradata)
+
+
+def to_i420(rgb: np.ndarray) -> np.ndarray:
+    return av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+        format="yuv420p").to_ndarray()
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp8"])
+def test_i420_frames_encode_without_conversion_and_decode_to_the_same_pictures(
+        codec: str) -> None:
+    enc = H264Encoder(SIZE, SIZE, FPS, keyframe_interval=50, codec=codec)
+    enc.start()
+    source = frames(12)
+    packets: list[EncodedPacket] = []
+    for i, rgb in enumerate(source):
+        # The frame buffer is reused on purpose: the encoder must not keep a view of it.
+        buffer = to_i420(rgb)
+        packets += enc.encode_i420(buffer, i)
+        buffer[:] = 0
+    packets += enc.flush()
+    assert [p.pts for p in packets] == list(range(12))
+    decoded = decode(packets, codec)
+    assert len(decoded) == 12
+    for got, want in zip(decoded, source):
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 8
+
+
+def test_an_i420_frame_of_the_wrong_size_is_refused() -> None:
+    enc = H264Encoder(SIZE, SIZE, FPS)
+    enc.start()
+    with pytest.raises(ValueError, match="I420"):
+        enc.encode_i420(np.zeros((SIZE, SIZE), np.uint8), 0)

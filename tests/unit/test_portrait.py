@@ -17,7 +17,7 @@ REQUIRED = (
     "mouthRollLower", "mouthUpperUpLeft", "mouthUpperUpRight", "mouthLowerDownLeft",
     "mouthLowerDownRight", "eyeBlinkLeft", "eyeBlinkRight", "browInnerUp", "browDownLeft",
     "browDownRight", "browOuterUpLeft", "browOuterUpRight", "cheekSquintLeft",
-    "cheekSquintRight", "yaw", "pitch", "roll",
+    "cheekSquintRight", "eyeWideLeft", "eyeWideRight", "yaw", "pitch", "roll",
 )
 
 

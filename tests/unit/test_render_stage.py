@@ -116,7 +116,7 @@ def test_a_renderer_failure_holds_the_previous_frame_and_the_stream_goes_on(
     renderer = stage.renderer("astronaut", 512)
     state: dict[str, Any] = {}
     first = run_stage(stage, [create(), motion(0, 2)], state, start=False)
-    batch = FaceRenderer.render_batch  # the real one, under the broken instance attribute
+    batch = FaceRenderer.render_batch_i420  # the real one, under the broken instance attribute
     calls = {"render": 0}
 
     def broken_batch(*_: Any) -> np.ndarray:
@@ -129,8 +129,8 @@ def test_a_renderer_failure_holds_the_previous_frame_and_the_stream_goes_on(
         frame: np.ndarray = batch(renderer, w[None], h[None])[0]
         return frame
 
-    monkeypatch.setattr(renderer, "render_batch", broken_batch)
-    monkeypatch.setattr(renderer, "render", flaky_render)
+    monkeypatch.setattr(renderer, "render_batch_i420", broken_batch)
+    monkeypatch.setattr(renderer, "render_i420", flaky_render)
     before = counter("avatar_render_replaced_frames_total", {"reason": "RuntimeError"})
     second = run_stage(stage, [motion(2, 3)], state, start=False)
     monkeypatch.undo()
@@ -155,8 +155,8 @@ def test_a_failure_on_the_first_frame_shows_the_still_portrait(
     def broken(*_: Any) -> np.ndarray:
         raise RuntimeError("nothing renders")
 
-    monkeypatch.setattr(renderer, "render_batch", broken)
-    monkeypatch.setattr(renderer, "render", broken)
+    monkeypatch.setattr(renderer, "render_batch_i420", broken)
+    monkeypatch.setattr(renderer, "render_i420", broken)
     result = run_stage(stage, [create(), motion(0, 2)], start=False)
     assert [v.pts for v in chunks(result)] == [0, 1]
     assert not result.rejected
@@ -164,7 +164,7 @@ def test_a_failure_on_the_first_frame_shows_the_still_portrait(
 
 def test_an_encoder_failure_restarts_on_a_keyframe_and_the_session_continues(
         stage: RenderStage, monkeypatch: pytest.MonkeyPatch) -> None:
-    encode = H264Encoder.encode
+    encode = H264Encoder.encode_i420
     calls = {"n": 0}
 
     def flaky(self: H264Encoder, frame: np.ndarray, pts: int) -> Any:
@@ -173,7 +173,7 @@ def test_an_encoder_failure_restarts_on_a_keyframe_and_the_session_continues(
             raise RuntimeError("encoder exploded")
         return encode(self, frame, pts)
 
-    monkeypatch.setattr(H264Encoder, "encode", flaky)
+    monkeypatch.setattr(H264Encoder, "encode_i420", flaky)
     before = counter("avatar_render_encoder_restarts_total")
     result = run_stage(stage, [create(), motion(0, 2), motion(2, 2), motion(4, 2)], start=False)
     video = chunks(result)
@@ -223,3 +223,49 @@ def test_sessions_have_their_own_encoders_and_clocks(stage: RenderStage) -> None
     b = [v for v in video if v.session_id == "b"]
     assert [v.pts for v in a] == [0, 1, 2, 3] and [v.pts for v in b] == [0, 1]
     assert a[0].keyframe and b[0].keyframe and b[0].width == 256
+
+
+def inbound(item: tuple[str, Any], seq: int) -> Any:
+    from backbone.stage import Inbound
+
+    topic, value = item
+    return Inbound(topic, value.session_id, value, seq, 0)
+
+
+def test_a_batch_of_several_sessions_renders_the_same_video_as_one_record_at_a_time(
+        stage: RenderStage) -> None:
+    from backbone.stage import SessionState
+
+    sessions = ("a", "b", "c")
+    states = {s: SessionState(s) for s in sessions}
+    one_by_one: dict[str, SessionState] = {}
+    setup = [create(session=s, resolution=256 if s == "c" else 512) for s in sessions]
+    run_stage(stage, setup, one_by_one, start=False)
+    for i, item in enumerate(setup):
+        stage.process(inbound(item, i), states[item[1].session_id])
+    records = [motion(0, 2, session="a"), motion(0, 2, session="b"), motion(0, 2, session="c"),
+               motion(2, 2, session="a"), motion(1, 3, session="b")]  # b overlaps: replay
+    batched = stage.process_batch([(inbound(r, i), states[r[1].session_id])
+                                   for i, r in enumerate(records)])
+    single = run_stage(stage, records, one_by_one, start=False)
+    got = [v for out in batched for o in out for v in [o.value]]  # type: ignore[union-attr]
+    want = single.values("video")
+    assert [(v.session_id, v.pts) for v in got] == [(v.session_id, v.pts) for v in want]
+    assert [(v.session_id, v.pts) for v in got if v.session_id == "b"] == [
+        ("b", 0), ("b", 1), ("b", 2), ("b", 3)]
+    for g, w in zip(got, want):
+        assert g.data == w.data  # the same frames, encoded the same way
+
+
+def test_a_bad_record_in_a_batch_is_rejected_alone(stage: RenderStage) -> None:
+    from backbone.stage import RecordRejected, SessionState
+
+    state = SessionState(SESSION)
+    stage.process(inbound(create(), 0), state)
+    items = [(inbound(motion(0, 2), 1), state),
+             (inbound(motion(2, 2, fps=500), 2), state),
+             (inbound(motion(2, 2), 3), state)]
+    first, bad, third = stage.process_batch(items)
+    assert isinstance(bad, RecordRejected) and "fps" in str(bad)
+    assert isinstance(first, list) and isinstance(third, list)
+    assert [o.value.pts for o in first + third] == [0, 1, 2, 3]  # type: ignore[union-attr]
