@@ -117,7 +117,7 @@ class AnimateStage(BaseStage):
         if not spans:
             return []
         last_end = value.cut_sample if value.cut_sample >= 0 else spans[-1][2]
-        state.data["spans"] = [list(s) for s in spans if s[2] >= last_end - KEEP_SPANS_S * sr]
+        state.data["spans"] = [list(s) for s in spans]
         fps = session_config(state).fps
         ended = value.is_last or value.cut_sample >= 0
         if ended:
@@ -132,8 +132,12 @@ class AnimateStage(BaseStage):
                 # lips mouthing words nobody hears.
                 horizon_s = min(horizon_s, spans[-1][1] / sr - PHONEME_LEAD_S)
             state.data["speaking_ms"] = self.clock()
-        return self._frames_until(state, int(np.ceil(horizon_s * fps)), value.utterance_id,
-                                  value.is_last)
+        out = self._frames_until(state, int(np.ceil(horizon_s * fps)), value.utterance_id,
+                                 value.is_last)
+        # Only spans near frames still to come matter (coarticulation across utterances).
+        keep_from = (int(state.data.get("next_frame", 0)) / fps - KEEP_SPANS_S) * sr
+        state.data["spans"] = [s for s in state.data["spans"] if s[2] >= keep_from]
+        return out
 
     def tick(self, state: SessionState, now: int) -> Iterable[Outbound]:
         if "t0_ms" not in state.data:

@@ -265,3 +265,11 @@ def test_another_language_voice_speaks_with_its_own_phonemes():
     de = run_stage(TtsStage(), [create(voice="de"), ("reply", ReplyText("s", "u0", "Ich möchte."))])
     symbols = {s.phoneme.lstrip("',") for p in phonemes_of(de.outputs) for s in p.spans}
     assert "C" in symbols  # the German ich-laut, which English has not
+
+
+@pytest.mark.parametrize("model", ["neural", "procedural"])
+def test_a_long_utterance_moves_the_mouth_from_its_first_phoneme(model):
+    spans = syllables(0.0, 12)  # 3.3 s in one record: older spans must not be dropped early
+    res = run_stage(AnimateStage(model), [create(), spans_record(spans, True)])
+    _, w, _ = stack(frames_of(res.outputs))
+    assert w[:10, INDEX["jawOpen"]].max() > 0.2  # within the first 0.4 s
