@@ -192,6 +192,9 @@ def main() -> None:
     result["export_frames"] = done.frames
     result["export_mp4_mb"] = (tmp / "export" / "session.mp4").stat().st_size / 1e6
 
+    con = sqlite3.connect(db)  # fold the WAL into the file, so each copy holds everything
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
     cases = ["modified", "deleted", "reordered", "injected", "unchained", "truncated"]
     outcomes = {}
     for case in cases:
