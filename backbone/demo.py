@@ -6,20 +6,22 @@ other in this process, each until its input is drained.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 import uuid
 from pathlib import Path
 
 from backbone import integrity, sealing
 from backbone.codec import AvroCodec
-from backbone.records import ReplyText, SessionConfig, SessionControl, SpeechChunk
+from backbone.records import RecordValue, ReplyText, SessionConfig, SessionControl, SpeechChunk
 from backbone.runtime import StageRunner, provision_topics
 from backbone.settings import Settings
 from backbone.stages import PIPELINE, load_stage
 from backbone.tracing import RecordHeaders, new_traceparent, now_ms
 
 
-def send_session(settings: Settings, session_id: str, text: str, config: SessionConfig) -> None:
-    """What the gateway does for 'create a session, then speak this text'."""
+def _send(settings: Settings, session_id: str, records: Sequence[tuple[str, RecordValue]]) -> None:
+    """Produce `records` as the gateway would: headers, integrity links, sealing, one
+    sequence per topic, all acknowledged before returning."""
     bus = settings.open_bus()
     codec = AvroCodec(registry_url=settings.schema_registry_url)
     producer = bus.producer()
@@ -27,13 +29,11 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
     keys = sealing.KeyStore(settings, bus) if sealing.enabled() else None
     trace = new_traceparent()
     t = now_ms()
-    first: list[tuple[str, SessionControl | ReplyText]] = [
-        ("session.control", SessionControl(session_id, "CREATE", config)),
-        ("reply", ReplyText(session_id, "u0", text, 0, True)),
-    ]
-    for seq, (topic, value) in enumerate(first):
+    seqs: dict[str, int] = {}
+    for topic, value in records:
         physical = settings.topic(topic)
-        seq = seq if topic == "session.control" else 0
+        seq = seqs.get(topic, 0)
+        seqs[topic] = seq + 1
         headers = RecordHeaders(session_id, seq, trace, t, "gateway", "demo",
                                 value.SCHEMA).encode()
         payload = codec.encode(value, physical)
@@ -43,7 +43,13 @@ def send_session(settings: Settings, session_id: str, text: str, config: Session
         headers += chains.next(session_id, topic, "gateway", seq, payload)
         producer.produce(physical, session_id.encode(), payload, headers)
     if producer.flush(30) != 0:
-        raise RuntimeError("the bus did not acknowledge the session's first records")
+        raise RuntimeError("the bus did not acknowledge the session's records")
+
+
+def send_session(settings: Settings, session_id: str, text: str, config: SessionConfig) -> None:
+    """What the gateway does for 'create a session, then speak this text'."""
+    _send(settings, session_id, [("session.control", SessionControl(session_id, "CREATE", config)),
+                                 ("reply", ReplyText(session_id, "u0", text, 0, True))])
 
 
 def read_wav(source: Path | bytes, name: str = "") -> tuple[bytes, int]:
@@ -86,36 +92,15 @@ def read_wav(source: Path | bytes, name: str = "") -> tuple[bytes, int]:
 def send_audio_session(settings: Settings, session_id: str, pcm: bytes, sample_rate: int,
                        config: SessionConfig) -> None:
     """What the gateway does for 'animate my own TTS audio': speech chunks, no phonemes."""
-    bus = settings.open_bus()
-    codec = AvroCodec(registry_url=settings.schema_registry_url)
-    producer = bus.producer()
-    chains = integrity.Chains()
-    keys = sealing.KeyStore(settings, bus) if sealing.enabled() else None
-    trace = new_traceparent()
-    t = now_ms()
     step = sample_rate // 10 * 2  # 100 ms chunks, as tts sends them
-    records: list[tuple[str, SessionControl | SpeechChunk]] = [
+    records: list[tuple[str, RecordValue]] = [
         ("session.control", SessionControl(session_id, "CREATE", config))]
     n_chunks = -(-len(pcm) // step)
     for i in range(n_chunks):
         records.append(("speech.audio", SpeechChunk(
             session_id, "a0", sample_rate, i * step // 2, pcm[i * step:(i + 1) * step],
             is_last=i == n_chunks - 1)))
-    seqs: dict[str, int] = {}
-    for topic, value in records:
-        physical = settings.topic(topic)
-        seq = seqs.get(topic, 0)
-        seqs[topic] = seq + 1
-        headers = RecordHeaders(session_id, seq, trace, t, "gateway", "demo",
-                                value.SCHEMA).encode()
-        payload = codec.encode(value, physical)
-        if keys is not None:
-            payload = sealing.seal(keys.key(session_id, create=True) or b"", session_id,
-                                   topic, payload)
-        headers += chains.next(session_id, topic, "gateway", seq, payload)
-        producer.produce(physical, session_id.encode(), payload, headers)
-    if producer.flush(30) != 0:
-        raise RuntimeError("the bus did not acknowledge the session's records")
+    _send(settings, session_id, records)
 
 
 def run_demo(text: str, output: Path, bus: str = "embedded", data_dir: Path = Path("avatar-data"),
