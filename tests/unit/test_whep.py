@@ -265,3 +265,86 @@ def test_an_auditor_watches_a_past_session_at_its_original_pace(served):
     assert len(arrivals) >= 40, len(arrivals)  # the 50 logged frames (a few lost to start-up)
     span = arrivals[-1] - arrivals[0]
     assert 1.5 <= span <= 2.6, span  # played at its pace (2 s), not dumped at once
+
+
+def test_flashes_and_beeps_at_the_same_media_time_arrive_together(served):
+    """A sync probe: video flashes and audio beeps logged at the same media instants reach an
+    aiortc viewer within 45 ms of each other (aiortc itself holds a video frame until the
+    next one starts; its fixed audio prefetch is turned off, as a browser adapts its own)."""
+    import aiortc.rtcrtpreceiver as receiver
+
+    from backbone.records import SpeechChunk, VideoChunk
+    from processors.encode import H264Encoder
+    from tests.support.bus_io import send
+
+    base, gw, settings = served
+    tok, info = _session(base)
+    sid = info["session_id"]
+    created = gw.sessions[sid].created_ms / 1000
+    fps, sr = 25, 22050
+
+    def feed():  # 6 s, produced 300 ms ahead of the clock as tts and render do
+        enc = H264Encoder(256, 256, fps, keyframe_interval=25)
+        enc.start()
+        for i in range(6 * fps):
+            m = i / fps
+            while time.time() < created + m - 0.3:
+                time.sleep(0.005)
+            flash = i % 25 < 2 and i >= 50
+            for p in enc.encode(np.full((256, 256, 3), 230 if flash else 20, np.uint8), i):
+                send(gw.bus, settings, "video", VideoChunk(sid, 256, 256, fps, p.pts, p.dts,
+                                                           p.keyframe, p.data), seq=i,
+                     stage="render")
+            if i % 2 == 0:
+                k0, n = int(m * sr), int(0.08 * sr)
+                t = np.arange(k0, k0 + n) / sr
+                beep = ((t % 1.0) < 0.08) & (t >= 2.0)
+                pcm = (np.sin(2 * np.pi * 440 * t) * 10000 * beep).astype("<i2")
+                send(gw.bus, settings, "speech.audio", SpeechChunk(sid, "u", sr, k0, pcm.tobytes()),
+                     seq=i // 2, stage="tts")
+
+    async def watch():
+        base_buffer = receiver.JitterBuffer
+        receiver.JitterBuffer = lambda capacity, prefetch=0, is_video=False: base_buffer(
+            capacity, 0, is_video)
+        try:
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            video, audio = [], []
+
+            async def drain(track):
+                while True:
+                    try:
+                        f = await track.recv()
+                    except Exception:
+                        return
+                    if track.kind == "video":
+                        video.append((time.time(), float(f.to_ndarray(format="gray").mean())))
+                    else:
+                        audio.append((time.time(), float(np.abs(f.to_ndarray()).mean())))
+
+            tasks = []
+            pc.on("track", lambda tr: tasks.append(asyncio.ensure_future(drain(tr))))
+            await pc.setLocalDescription(await pc.createOffer())
+            async with httpx.AsyncClient() as client:
+                r = await client.post(f"{base}/whep/{sid}", content=pc.localDescription.sdp,
+                                      headers={"Authorization": f"Bearer {info['viewer_token']}",
+                                               "Content-Type": "application/sdp"})
+                assert r.status_code == 201
+                await pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
+                await asyncio.sleep(7.0)
+            await pc.close()
+            return video, audio
+        finally:
+            receiver.JitterBuffer = base_buffer
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    video, audio = asyncio.run(watch())
+    feeder.join()
+    flashes = [t for (t, v), (_, v0) in zip(video[1:], video) if v > 120 >= v0]
+    beeps = [t for (t, v), (_, v0) in zip(audio[1:], audio) if v > 1000 >= v0]
+    assert len(flashes) >= 3 and len(flashes) == len(beeps), (flashes, beeps)
+    offsets = [(f - b) * 1000 for f, b in zip(flashes, beeps)]
+    assert all(abs(o) <= 45 for o in offsets), offsets
