@@ -554,6 +554,13 @@ def create_app(gw: Gateway) -> FastAPI:
 
     # -- RTMP --------------------------------------------------------------------------
 
+    def push_of(session_id: str, push_id: str, claims: Claims) -> RtmpPush:
+        gw.session_for(session_id, claims)
+        push = gw.pushes.get(push_id)
+        if push is None or push.session_id != session_id:
+            raise HTTPException(404, "no such RTMP push")
+        return push
+
     def push_info(p: RtmpPush) -> RtmpInfo:
         return RtmpInfo(push_id=p.push_id, session_id=p.session_id, frames_sent=p.frames_sent,
                         running=p.is_alive(), error=p.error)
@@ -577,19 +584,12 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.get("/v1/sessions/{session_id}/rtmp/{push_id}", tags=["broadcast"],
              response_model=RtmpInfo)
     def rtmp_status(session_id: str, push_id: str, claims: Integrator) -> RtmpInfo:
-        gw.session_for(session_id, claims)
-        push = gw.pushes.get(push_id)
-        if push is None or push.session_id != session_id:
-            raise HTTPException(404, "no such RTMP push")
-        return push_info(push)
+        return push_info(push_of(session_id, push_id, claims))
 
     @app.delete("/v1/sessions/{session_id}/rtmp/{push_id}", tags=["broadcast"],
                 response_model=RtmpInfo)
     def rtmp_stop(session_id: str, push_id: str, claims: Integrator) -> RtmpInfo:
-        gw.session_for(session_id, claims)
-        push = gw.pushes.get(push_id)
-        if push is None or push.session_id != session_id:
-            raise HTTPException(404, "no such RTMP push")
+        push = push_of(session_id, push_id, claims)
         push.stop()
         gw.pushes.pop(push_id, None)
         return push_info(push)

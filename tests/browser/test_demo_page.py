@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -24,18 +20,12 @@ from backbone.runtime import provision_topics
 from backbone.settings import Settings
 from backbone.stages import PIPELINE
 from replay.reader import read_session
-from tests.integration.stage_procs import ROOT, StageProcess
+from tests.integration.stage_procs import ROOT, GatewayProcess, StageProcess
 
 pytestmark = pytest.mark.kafka
 
 DEMO_KEY = "demo-key-for-the-browser-test"
 SHOTS = ROOT / "docs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chrome() -> webdriver.Chrome:
@@ -60,38 +50,16 @@ def stack(kafka_bootstrap, unique_name, tmp_path):
                         partitions=2)
     provision_topics(settings, PIPELINE)
     procs = [StageProcess(n, settings, tmp_path, "0") for n in ("tts", "animate", "render")]
-    port = _free_port()
-    env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": kafka_bootstrap,
-           "AVATAR_TOPIC_PREFIX": settings.topic_prefix, "AVATAR_PARTITIONS": "2",
-           "AVATAR_API_KEYS": f"demo:{DEMO_KEY}:integrator", "AVATAR_DEMO_KEY": DEMO_KEY,
-           "AVATAR_JWT_SECRET": "browser-test-secret-of-32-bytes-or-more",
-           "AVATAR_ICE_LOOPBACK": "1", "PYTHONPATH": str(ROOT)}
-    log = open(tmp_path / "gateway.log", "wb")
-    gateway = subprocess.Popen([sys.executable, "-m", "backbone.cli", "gateway", "--port",
-                                str(port)], env=env, cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        raise AssertionError((tmp_path / "gateway.log").read_text())
+    gateway = GatewayProcess(settings, tmp_path, {
+        "AVATAR_API_KEYS": f"demo:{DEMO_KEY}:integrator", "AVATAR_DEMO_KEY": DEMO_KEY,
+        "AVATAR_JWT_SECRET": "browser-test-secret-of-32-bytes-or-more",
+        "AVATAR_ICE_LOOPBACK": "1"})
     try:
-        yield base, tmp_path, kafka_bootstrap, settings.topic_prefix
+        yield gateway.base, tmp_path, kafka_bootstrap, settings.topic_prefix
     finally:
-        gateway.terminate()
-        try:
-            gateway.wait(20)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            raise AssertionError("the gateway did not stop within 20 s of SIGTERM")
-        log.close()
         for p in procs:
             p.terminate()
+        gateway.terminate()
 
 
 def test_the_demo_page_shows_the_avatar_speaking(stack):

@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from backbone.bus import Message
 from backbone.kafka_bus import KafkaBus
@@ -86,3 +86,63 @@ def dedupe(messages: list[Message]) -> Iterator[Message]:
         if k not in seen:
             seen.add(k)
             yield m
+
+
+class GatewayProcess:
+    """`avatar gateway` on a free loopback port, on the settings' broker; waits until healthy."""
+
+    def __init__(self, settings: Settings, log_dir: Path, extra_env: dict[str, str],
+                 timeout_s: float = 60.0) -> None:
+        import httpx
+
+        from tests.support.ports import free_port
+
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / "gateway.log"
+        env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": settings.bootstrap,
+               "AVATAR_TOPIC_PREFIX": settings.topic_prefix,
+               "AVATAR_PARTITIONS": str(settings.partitions), "PYTHONPATH": str(ROOT),
+               **extra_env}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "backbone.cli", "gateway", "--port",
+                                      str(port)], env=env, cwd=ROOT, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.terminate()
+        raise AssertionError(f"the gateway did not answer: {self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM; a gateway that does not stop in time is killed and the test fails."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"the gateway did not stop within {timeout_s:g} s of SIGTERM")
+        finally:
+            self._log.close()
+
+
+def finished_video(bus: KafkaBus, settings: Settings, session_id: str,
+                   timeout_s: float = 120.0) -> list[Any]:
+    """The session's video once its last frame is logged (or what there is at the timeout)."""
+    from replay.reader import read_session, session_video
+
+    deadline = time.monotonic() + timeout_s
+    video: list[Any] = []
+    while time.monotonic() < deadline:
+        video = session_video(read_session(bus, settings, session_id, "video"))
+        if video and video[-1].is_last:
+            break
+        time.sleep(0.5)
+    return video

@@ -2,7 +2,6 @@
 text in, H.264 video and speech out, every record with the headers an auditor needs."""
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -13,8 +12,8 @@ from backbone.runtime import provision_topics
 from backbone.settings import Settings
 from backbone.stages import PIPELINE
 from backbone.tracing import H_EVENT_TIME, H_MODEL, H_SEQ, H_STAGE, H_TRACEPARENT, trace_id
-from replay.reader import read_session, session_audio, session_video
-from tests.integration.stage_procs import StageProcess
+from replay.reader import read_session, session_audio
+from tests.integration.stage_procs import StageProcess, finished_video
 
 pytestmark = pytest.mark.kafka
 
@@ -31,13 +30,7 @@ def test_text_becomes_video_through_three_stage_processes(kafka_bootstrap, uniqu
         send_session(settings, "kafka-demo", "Hello from three processes on a real broker.",
                      SessionConfig(fps=25, resolution=256))
         bus = KafkaBus(kafka_bootstrap)
-        deadline = time.monotonic() + 120
-        video = []
-        while time.monotonic() < deadline:
-            video = session_video(read_session(bus, settings, "kafka-demo", "video"))
-            if video and video[-1].is_last:
-                break
-            time.sleep(0.5)
+        video = finished_video(bus, settings, "kafka-demo")
         assert video and video[-1].is_last, "\n".join(p.log()[-2000:] for p in procs)
         pcm, sr = session_audio(read_session(bus, settings, "kafka-demo", "speech.audio"))
         assert [v.pts for v in video] == list(range(len(video)))  # no gap, no repeat

@@ -3,11 +3,8 @@ processes and the gateway — and answers the operator's questions: p95 end-to-e
 dropped frames, stream uptime and stage lag."""
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -16,17 +13,12 @@ import pytest
 from backbone.runtime import provision_topics
 from backbone.settings import Settings
 from backbone.stages import PIPELINE
-from tests.integration.stage_procs import ROOT, StageProcess
+from tests.integration.stage_procs import GatewayProcess, StageProcess
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.kafka
 
 KEY = "prometheus-test-key-0123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _query(prom: str, expr: str) -> list[dict]:
@@ -42,18 +34,13 @@ def test_prometheus_scrapes_the_stack_and_answers_operator_queries(kafka_bootstr
     settings = Settings(bus="kafka", bootstrap=kafka_bootstrap, topic_prefix=f"{unique_name}.",
                         partitions=2)
     provision_topics(settings, PIPELINE)
-    ports = {name: _free_port() for name in ("tts", "animate", "render")}
+    ports = {name: free_port() for name in ("tts", "animate", "render")}
     procs = [StageProcess(n, settings, tmp_path, "0", {"AVATAR_METRICS_PORT": str(p)})
              for n, p in ports.items()]
-    gw_port, prom_port = _free_port(), _free_port()
-    env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": kafka_bootstrap,
-           "AVATAR_TOPIC_PREFIX": settings.topic_prefix, "AVATAR_PARTITIONS": "2",
-           "AVATAR_API_KEYS": f"ops:{KEY}:integrator", "PYTHONPATH": str(ROOT),
-           "AVATAR_JWT_SECRET": "prometheus-test-secret-of-32-bytes"}
-    gateway = subprocess.Popen([sys.executable, "-m", "backbone.cli", "gateway", "--port",
-                                str(gw_port)], env=env, cwd=ROOT,
-                               stdout=open(tmp_path / "gateway.log", "wb"),
-                               stderr=subprocess.STDOUT)
+    gateway = GatewayProcess(settings, tmp_path, {
+        "AVATAR_API_KEYS": f"ops:{KEY}:integrator",
+        "AVATAR_JWT_SECRET": "prometheus-test-secret-of-32-bytes"})
+    gw_port, prom_port = gateway.base.rsplit(":", 1)[1], free_port()
     targets = ", ".join(f"'127.0.0.1:{p}'" for p in ports.values())
     (tmp_path / "prometheus.yml").write_text(f"""
 global: {{scrape_interval: 1s, evaluation_interval: 1s}}
@@ -70,13 +57,6 @@ scrape_configs:
                             stderr=subprocess.STDOUT)
     base, prom_url = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{prom_port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
         token = httpx.post(f"{base}/v1/tokens", json={},
                            headers={"Authorization": f"Bearer {KEY}"}).json()["token"]
         hdr = {"Authorization": f"Bearer {token}"}
@@ -114,8 +94,7 @@ scrape_configs:
         assert float(gw[0]["value"][1]) >= 1
     finally:
         prom.terminate()
-        gateway.terminate()
         for p in procs:
             p.terminate()
         prom.wait(20)
-        gateway.wait(20)
+        gateway.terminate()

@@ -12,16 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.ports import free_port
+
 from tests.support.media import feed_session
 from tests.unit.test_whep import KEY, _session, served  # noqa: F401  (the gateway fixture)
 
 NGINX_MODULE = Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -29,7 +25,7 @@ def nginx_rtmp(tmp_path):
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     assert Path(nginx).exists() and NGINX_MODULE.exists(), \
         "nginx with the RTMP module is required (Debian: nginx-light libnginx-mod-rtmp)"
-    port = _free_port()
+    port = free_port()
     rec = tmp_path / "rec"
     rec.mkdir()
     conf = tmp_path / "nginx.conf"

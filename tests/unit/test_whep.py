@@ -4,13 +4,14 @@ bad offers get a 4xx."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
+
+from tests.support.ports import free_port
 import uvicorn
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
@@ -26,12 +27,6 @@ KEY = "acme-secret-key"
 AUDIT_KEY = "acme-audit-key-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def served(tmp_path):
     loopback_only()
@@ -40,7 +35,7 @@ def served(tmp_path):
     gw = Gateway(settings, Auth("whep-test-secret-of-thirty-two-bytes!",
                                 parse_api_keys(f"acme:{KEY}:integrator:1000,"
                                                f"acme:{AUDIT_KEY}:auditor:1000", 20.0)))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(gw), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
