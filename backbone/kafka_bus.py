@@ -52,6 +52,27 @@ def _classify(err: KafkaError) -> BusError:
     return BusError(str(err), retriable=bool(err.retriable()), fatal=bool(err.fatal()))
 
 
+# Right after a topic is created (or a broker restarts) its partitions may have no
+# elected leader for a moment; asking for offsets then is worth another try.
+_LEADERLESS = {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+               KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._TRANSPORT}
+
+
+def _watermark_offsets(c: Consumer, topic: str, partition: int,
+                       timeout_s: float) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lo, hi = c.get_watermark_offsets(KTP(topic, partition),
+                                             timeout=max(0.5, deadline - time.monotonic()))
+            return int(lo), int(hi)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() not in _LEADERLESS or time.monotonic() >= deadline:
+                raise _classify(err) from exc
+            time.sleep(0.2)
+
+
 class KafkaBus:
     name = "kafka"
 
@@ -258,8 +279,7 @@ class KafkaAdmin:
         c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "avatar-watermarks",
                       "enable.auto.commit": False})
         try:
-            lo, hi = c.get_watermark_offsets(KTP(topic, partition), timeout=10)
-            return int(lo), int(hi)
+            return _watermark_offsets(c, topic, partition, 10.0)
         finally:
             c.close()
 
@@ -272,7 +292,7 @@ class KafkaAdmin:
                           k: CONSUMER_DEFAULTS[k] for k in ("fetch.queue.backoff.ms",
                                                             "fetch.wait.max.ms")}})
         try:
-            lo, hi = c.get_watermark_offsets(KTP(topic, partition), timeout=timeout_s)
+            lo, hi = _watermark_offsets(c, topic, partition, timeout_s)
             stop = hi if end is None else min(end, hi)
             if max(start, lo) >= stop:
                 return

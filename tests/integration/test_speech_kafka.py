@@ -97,7 +97,7 @@ def test_spoken_audio_becomes_transcripts_and_echoed_replies(kafka_bootstrap, un
 def test_openai_adapter_streams_sentence_chunks_from_a_stage_process(kafka_bootstrap,
                                                                      unique_name, tmp_path):
     settings = _settings(kafka_bootstrap, unique_name)
-    behaviour = Behaviour(key=KEY, delay_s=0.05,
+    behaviour = Behaviour(key=KEY, delay_s=0.1,
                           deltas=["Hello from", " the model. It streams", " in pieces! ",
                                   "And it ends here."])
     with FakeLLM(behaviour) as llm:
@@ -125,10 +125,10 @@ def test_openai_adapter_streams_sentence_chunks_from_a_stage_process(kafka_boots
                                                  "And it ends here."]
             assert [r.chunk_index for r in replies] == [0, 1, 2]
             assert [r.is_last for r in replies] == [False, False, True]
-            # Produced as streamed: the first sentence left while the model (50 ms between
+            # Produced as streamed: the first sentence left while the model (100 ms between
             # events) was still writing the rest, not together with the last one.
             stamps = [r.message.timestamp_ms for r in records]
-            assert stamps == sorted(stamps) and stamps[-1] - stamps[0] >= 100
+            assert stamps == sorted(stamps) and stamps[-1] - stamps[0] >= 120
             assert llm.seen[0].body["model"] == "fake-gpt"
             assert llm.seen[0].headers["authorization"] == f"Bearer {KEY}"
         finally:
