@@ -182,6 +182,9 @@ class PhonemeSpans:
     is_last: bool = False
     source: str = "tts"
     cut_sample: int = -1  # an interrupt stopped speech here; later spans were never heard
+    # The last span is still being spoken (its end is provisional); the next record of the
+    # utterance repeats it from the same start with its final end.
+    last_open: bool = False
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -190,14 +193,21 @@ class PhonemeSpans:
             "spans": [{"phoneme": s.phoneme, "start_sample": s.start_sample,
                        "end_sample": s.end_sample} for s in self.spans],
             "is_last": self.is_last, "source": self.source, "cut_sample": self.cut_sample,
+            "last_open": self.last_open,
         }
+
+    @property
+    def final_spans(self) -> tuple[PhonemeSpan, ...]:
+        """The spans whose timing will not change (all but an open last one)."""
+        return self.spans[:-1] if self.last_open else self.spans
 
     @classmethod
     def from_avro(cls, d: Mapping[str, Any]) -> PhonemeSpans:
         spans = tuple(PhonemeSpan(s["phoneme"], s["start_sample"], s["end_sample"])
                       for s in d["spans"])
         return cls(d["session_id"], d["utterance_id"], d["sample_rate"], spans,
-                   d["is_last"], d["source"], d.get("cut_sample", -1))
+                   d["is_last"], d["source"], d.get("cut_sample", -1),
+                   d.get("last_open", False))
 
 
 @dataclass(frozen=True, eq=False)

@@ -659,7 +659,8 @@ def event_of(item: Delivered) -> tuple[dict[str, Any], bytes | None]:
     if isinstance(v, PhonemeSpans):
         return base | {"type": "phonemes", "sample_rate": v.sample_rate,
                        "spans": [[p.phoneme, p.start_sample, p.end_sample] for p in v.spans],
-                       "is_last": v.is_last, "cut_sample": v.cut_sample}, None
+                       "is_last": v.is_last, "cut_sample": v.cut_sample,
+                       "last_open": v.last_open}, None
     if isinstance(v, MotionFrames):
         return base | {"type": "motion", "fps": v.fps, "frames": v.frames.tolist(),
                        "weights": v.weights.round(4).tolist(),

@@ -2,7 +2,8 @@
 -> speech.phonemes on the same session sample clock, so animate can move the lips to it.
 
 Audio from our own tts stage is skipped: tts already publishes eSpeak's exact phonemes.
-Spans stream out as they become final (at most ~90 ms of audio after they end).
+Spans stream out as they become final (at most ~90 ms of audio after they end); the phoneme
+being spoken streams too, as an open span whose end grows, so lips need not wait for its end.
 """
 from __future__ import annotations
 
@@ -81,12 +82,20 @@ class AlignStage(BaseStage):
                 spans += aligner.push(np.zeros(gap, dtype=np.int16))
         spans += aligner.push(pcm)
         state.data["next_sample"] = value.start_sample + len(pcm)
+        open_span = None
         if value.is_last:
             spans += aligner.finish()
             self._forget(state)
-        if spans or value.is_last:
+        else:
+            open_span = aligner.open_span()
+            sent = state.scratch.get("open_sent")
+            if open_span is not None and not spans and sent == open_span:
+                open_span = None  # nothing new to say
+            state.scratch["open_sent"] = open_span
+        if spans or value.is_last or open_span is not None:
             out.append(self._record(value.session_id, value.utterance_id, value.sample_rate,
-                                    spans, value.is_last))
+                                    spans + ([open_span] if open_span else []), value.is_last,
+                                    open_span is not None))
         return out
 
     @staticmethod
@@ -117,16 +126,17 @@ class AlignStage(BaseStage):
     @staticmethod
     def _forget(state: SessionState) -> None:
         state.scratch.pop("aligner", None)
+        state.scratch.pop("open_sent", None)
         for key in ("utterance", "sample_rate", "next_sample"):
             state.data.pop(key, None)
 
     @staticmethod
     def _record(session_id: str, utterance_id: str, sample_rate: int,
-                spans: list[AlignedSpan], is_last: bool) -> Outbound:
+                spans: list[AlignedSpan], is_last: bool, last_open: bool = False) -> Outbound:
         return Outbound("speech.phonemes", PhonemeSpans(
             session_id, utterance_id, sample_rate,
             tuple(PhonemeSpan(s.symbol, s.start_sample, s.end_sample) for s in spans),
-            is_last, source=SOURCE))
+            is_last, source=SOURCE, last_open=last_open))
 
     def _model(self) -> AlignNet:
         if self.model is None:

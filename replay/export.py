@@ -168,7 +168,7 @@ def _manifest(session_id: str, logged: dict[str, list[LoggedRecord]],
                              "first_ms": min(r.message.timestamp_ms for r in records) - t0_ms,
                              "last_ms": max(r.message.timestamp_ms for r in records) - t0_ms})
     cfg = create.value.config if create and isinstance(create.value, SessionControl) else None
-    phonemes = sum(len(r.value.spans) for r in logged["speech.phonemes"]
+    phonemes = sum(len(r.value.final_spans) for r in logged["speech.phonemes"]
                    if isinstance(r.value, PhonemeSpans))
     return {
         "session_id": session_id,

@@ -458,6 +458,15 @@ class StreamingAligner:
             labels += self.viterbi.finish()
         return self._spans(labels)
 
+    def open_span(self) -> AlignedSpan | None:
+        """The phoneme being spoken now, from its start to the last committed frame. Its end
+        only grows (until a `push` returns it closed), so a caller can show it early: the
+        lips then follow about LOOKAHEAD_S behind the audio rather than a phoneme later."""
+        if self.done or self.run_label < 0 or self.frames_out <= self.run_start:
+            return None
+        return AlignedSpan(PHONEMES[self.run_label], self._to_input(self.run_start),
+                           self._to_input(self.frames_out))
+
     def finish(self) -> list[AlignedSpan]:
         """Flush the utterance: every remaining span, the last one ending at the audio's end."""
         if self.done:

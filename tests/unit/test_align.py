@@ -50,7 +50,7 @@ def chunks(pcm, sample_rate, start, step, uid="u0"):
 
 
 def all_spans(result):
-    return [s for rec in result.values("speech.phonemes") for s in rec.spans]
+    return [s for rec in result.values("speech.phonemes") for s in rec.final_spans]
 
 
 def onset_score(spans, syn, sample_rate, start):
@@ -109,6 +109,25 @@ def test_spans_tile_the_utterance_with_symbols_animate_knows(stage, speech):
     assert all(visemes.is_known(s.phoneme) for s in spans)
     assert all(s.end_sample > s.start_sample for s in spans)
     assert [s.start_sample for s in spans[1:]] == [s.end_sample for s in spans[:-1]]
+
+
+def test_the_phoneme_being_spoken_streams_as_an_open_span_that_closes_in_place(stage, speech):
+    syn, pcm = speech
+    sr = syn.sample_rate
+    step = sr // 25  # 40 ms messages, as an integrator streams
+    result = run_stage(stage, chunks(pcm, sr, 0, step), start=False)
+    records = result.values("speech.phonemes")
+    assert sum(r.last_open for r in records) > len(records) // 2
+    finals = {s.start_sample: s for s in all_spans(result)}
+    for rec, sent in zip(records, range(step, len(pcm) + step, step)):
+        if not rec.last_open:
+            continue
+        shown = rec.spans[-1]
+        # The lips can follow the audio one lookahead behind, not one phoneme behind...
+        assert min(sent, len(pcm)) - shown.end_sample <= (ac.LOOKAHEAD_S + 0.001) * sr
+        # ...and the open span comes back from the same start, never shorter than shown.
+        assert finals[shown.start_sample].phoneme == shown.phoneme
+        assert finals[shown.start_sample].end_sample >= shown.end_sample
 
 
 def test_silent_and_clipped_audio_still_give_valid_spans(stage, speech):
