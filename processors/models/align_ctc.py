@@ -50,6 +50,8 @@ DECODE_LAG_FRAMES: Final = 3
 # and the window of the newest frame reaching WIN - WIN_OFFSET past its start (87.5 ms).
 # Resampling other rates adds RESAMPLE_ZEROS taps of the input (0.5 ms; 1 ms at 8 kHz).
 LOOKAHEAD_S: Final = ((LOOKAHEAD_FRAMES + DECODE_LAG_FRAMES) * HOP + WIN - WIN_OFFSET) / SAMPLE_RATE
+# An open span (the phoneme being spoken) can reach the newest decoded frame: no decode lag.
+OPEN_LOOKAHEAD_S: Final = LOOKAHEAD_S - DECODE_LAG_FRAMES * HOP / SAMPLE_RATE
 # Log-probability cost of changing phoneme between frames: suppresses one-frame flickers
 # between similar vowels; tuned on held-out voices (see eval_align.py).
 SWITCH_PENALTY: Final = 6.0
@@ -354,6 +356,11 @@ class FixedLagViterbi:
                 self.committed += 1
         return out
 
+    def pending(self) -> list[int]:
+        """The labels of the frames not yet committed, along the best path so far: a guess
+        that a later frame can still revise."""
+        return self._trace(len(self.back)) if self.back else []
+
     def finish(self) -> list[int]:
         out = self._trace(len(self.back)) if self.back else []
         self.committed += len(out)
@@ -459,13 +466,19 @@ class StreamingAligner:
         return self._spans(labels)
 
     def open_span(self) -> AlignedSpan | None:
-        """The phoneme being spoken now, from its start to the last committed frame. Its end
-        only grows (until a `push` returns it closed), so a caller can show it early: the
-        lips then follow about LOOKAHEAD_S behind the audio rather than a phoneme later."""
+        """The phoneme being spoken now, from its start to the last frame the best path so
+        far gives it, so a caller can show it early: the lips then follow about
+        OPEN_LOOKAHEAD_S behind the audio rather than a phoneme later. Its start and symbol
+        are final; its end may still move, by at most DECODE_LAG_FRAMES back."""
         if self.done or self.run_label < 0 or self.frames_out <= self.run_start:
             return None
+        end = self.frames_out
+        for label in self.viterbi.pending():
+            if label != self.run_label:
+                break
+            end += 1
         return AlignedSpan(PHONEMES[self.run_label], self._to_input(self.run_start),
-                           self._to_input(self.frames_out))
+                           self._to_input(end))
 
     def finish(self) -> list[AlignedSpan]:
         """Flush the utterance: every remaining span, the last one ending at the audio's end."""
