@@ -15,9 +15,10 @@ processes; this process is the integrator and the viewer (aiortc over WHEP on lo
   raw viewer and log lags are in the JSON too (the mouth leads the sound by design: lips
   open before a vowel is loud).
 Mouth movement is read from pixels: the mean brightness of the inner-mouth box (from the
-portrait's landmarks) against its idle level. The viewer is aiortc with its audio jitter
-buffer's fixed 4-packet prefetch off (a browser adapts its buffer to the network; on
-loopback that is near zero); video is not buffered by aiortc.
+portrait's landmarks) against its idle level. The viewer is aiortc without audio prefetch
+(a browser adapts its buffer to the network; on loopback that is near zero), and a frame's
+arrival is when its RTP packets were in: aiortc itself hands a frame on only once the next
+one starts, a hold no browser has (tests/support/rtp_arrivals.py).
 
     python benchmarks/e2e.py --json benchmarks/results/e2e.json
 """
@@ -81,13 +82,17 @@ def _mouth_box(size: int) -> tuple[slice, slice]:
 
 async def _view(base: str, sid: str, token: str, box: tuple[slice, slice], out: Arrivals,
                 stop: asyncio.Event) -> None:
-    import aiortc.rtcrtpreceiver as receiver
+    from tests.support.rtp_arrivals import rtp_arrivals
+
+    with rtp_arrivals() as stamps:
+        await _watch(base, sid, token, box, out, stop, stamps)
+
+
+async def _watch(base: str, sid: str, token: str, box: tuple[slice, slice], out: Arrivals,
+                 stop: asyncio.Event, stamps: Any) -> None:
     import httpx
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    base_buffer = receiver.JitterBuffer
-    receiver.JitterBuffer = lambda capacity, prefetch=0, is_video=False: base_buffer(  # type: ignore
-        capacity, 0, is_video)
     pc = RTCPeerConnection()
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -98,7 +103,7 @@ async def _view(base: str, sid: str, token: str, box: tuple[slice, slice], out: 
                 frame = await track.recv()
             except Exception:
                 return
-            t = time.time()
+            t = stamps.of(track.kind, frame)  # when its packets were in, not aiortc's hold
             if track.kind == "video":
                 gray = frame.to_ndarray(format="gray")
                 out.video.append((t, float(gray[box].mean()), frame.height))
