@@ -27,7 +27,7 @@ from processors import visemes
 from processors.models.motion_model import (
     EMOTION_NAMES, HEAD_SCALE, LOOKAHEAD_S, LOOKBEHIND_S, MotionModel, clean_spans, emotion_weights,
     frame_features, idle_latent, load_checkpoint, noise_generator, traced_sampler)
-from processors.motion_procedural import blink_curve, viseme_track
+from processors.motion_procedural import blink_curve, enforce_critical, viseme_track
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -53,17 +53,8 @@ EMOTION_TAU_S: Final = 0.1
 # the sealed shape; benchmark: bilabial_closure_unconstrained). Applied before the smoothing
 # so its ramps are rounded too. The closing ramp equals the lookahead, so a frame only
 # ramps towards a bilabial it is allowed to see.
-CRITICAL_STRENGTH: Final = {"PP": 1.0, "FF": 0.8}
 CLOSE_RAMP_S: Final = LOOKAHEAD_S
-OPEN_RAMP_S: Final = 0.05
-STOP_RELEASE_S: Final = 0.02  # the lips part at a stop's burst, slightly before its end
 MAX_HALF_FRAME_S: Final = 0.02  # a hold widens to half a frame so one frame always lands in it
-_STOPS: Final = frozenset({"p", "b"})
-_ARTICULATION: Final = np.array([
-    INDEX[name] for name in BLENDSHAPES
-    if name.startswith(("jaw", "mouth", "tongue"))
-    and not name.startswith(("mouthSmile", "mouthFrown", "mouthDimple", "mouthLeft", "mouthRight"))
-], dtype=np.intp)
 # per latent dimension: the mouth (all jaw/mouth/tongue shapes) fast, the rest slow
 _SMOOTH_TAU: Final = np.array(
     [SMOOTH_TAU_S if name.startswith(("jaw", "mouth", "tongue")) else EXPRESSION_TAU_S
@@ -267,36 +258,12 @@ class NeuralMotion:
                 "emotion": [float(x) for x in state["emotion"]]}
 
 
-def _smoothstep(x: F64) -> F64:
-    c = np.clip(x, 0.0, 1.0)
-    return c * c * (3.0 - 2.0 * c)
-
-
 def enforce_lip_closures(weights: F64, t: F64, spans: Sequence[tuple[str, int, int]],
                          sample_rate: int, fps: float) -> None:
     """Blend the lip/jaw columns towards the sealed (p/b/m) or tucked (f/v) shape in place.
 
-    The documented constraint layer on top of the network: held from the span's start to
-    its burst, widened to half a frame around its middle so a frame always shows it.
+    The documented constraint layer on top of the network: the procedural model's, held
+    from the span's start to its burst, ramped in over no more than the model's lookahead.
     """
-    for seg in viseme_track(spans, sample_rate):
-        strength = CRITICAL_STRENGTH.get(seg.viseme)
-        if strength is None:
-            continue
-        start, end = seg.start_s, seg.end_s
-        middle = 0.5 * (start + end)
-        if visemes.base_symbol(seg.symbol) in _STOPS:
-            end = max(middle, end - STOP_RELEASE_S)
-        half = min(0.5 / fps, MAX_HALF_FRAME_S)
-        h0, h1 = min(start, middle - half), max(end, middle + half)
-        lo = int(np.searchsorted(t, h0 - CLOSE_RAMP_S, "left"))
-        hi = int(np.searchsorted(t, h1 + OPEN_RAMP_S, "right"))
-        if lo >= hi:
-            continue
-        tt = t[lo:hi]
-        rise = _smoothstep((tt - (h0 - CLOSE_RAMP_S)) / CLOSE_RAMP_S)
-        fall = 1.0 - _smoothstep((tt - h1) / OPEN_RAMP_S)
-        envelope = strength * np.minimum(rise, fall)
-        target = visemes.target_vector(seg.viseme)[_ARTICULATION]
-        block = weights[lo:hi][:, _ARTICULATION]
-        weights[lo:hi, _ARTICULATION] = block + envelope[:, None] * (target[None, :] - block)
+    enforce_critical(weights, t, viseme_track(spans, sample_rate), fps,
+                     close_ramp_s=CLOSE_RAMP_S, max_half_frame_s=MAX_HALF_FRAME_S)

@@ -199,7 +199,7 @@ def procedural_motion(
     weights[:, INDEX["browOuterUpRight"]] += NOD_BROW_OUTER * nod
     for name, offset in EMOTIONS[emotion].items():
         weights[:, INDEX[name]] += intensity * offset
-    _enforce_critical(weights, t, segments, fps)
+    enforce_critical(weights, t, segments, fps)
     _add_gaze(weights, t, seed, idle)
     blink = blink_curve(t, seed, fps)
     for side in ("Left", "Right"):
@@ -273,7 +273,7 @@ def _emphasis(t: F64, segments: list[VisemeSegment]) -> F64:
     return nod
 
 
-def _hold_window(seg: VisemeSegment, fps: float) -> tuple[float, float]:
+def _hold_window(seg: VisemeSegment, fps: float, max_half_frame_s: float) -> tuple[float, float]:
     """When a lip-critical shape is fully held: a stop's closure up to its burst, else all of it.
 
     Widened to half a frame period either side of the span's middle, so that the frame
@@ -283,22 +283,27 @@ def _hold_window(seg: VisemeSegment, fps: float) -> tuple[float, float]:
     middle = 0.5 * (start + end)
     if visemes.base_symbol(seg.symbol) in _STOP_BASES:
         end = max(middle, end - STOP_RELEASE_S)
-    half_frame = min(0.5 / fps, MAX_HALF_FRAME_S)
+    half_frame = min(0.5 / fps, max_half_frame_s)
     return min(start, middle - half_frame), max(end, middle + half_frame)
 
 
-def _enforce_critical(weights: F64, t: F64, segments: list[VisemeSegment], fps: float) -> None:
+def enforce_critical(weights: F64, t: F64, segments: Sequence[VisemeSegment], fps: float, *,
+                     close_ramp_s: float = CLOSE_RAMP_S,
+                     max_half_frame_s: float = MAX_HALF_FRAME_S) -> None:
+    """Blend the lip/jaw columns in place towards the sealed (p/b/m) or tucked (f/v) shape,
+    held over each such segment and ramped in over `close_ramp_s` before it. The neural
+    model uses it too, with a ramp no longer than its lookahead."""
     columns = _ARTICULATION_INDEX
     for seg in segments:
         strength = CRITICAL_STRENGTH.get(seg.viseme)
         if strength is None:
             continue
-        h0, h1 = _hold_window(seg, fps)
-        lo, hi = _frame_range(t, h0 - CLOSE_RAMP_S, h1 + OPEN_RAMP_S)
+        h0, h1 = _hold_window(seg, fps, max_half_frame_s)
+        lo, hi = _frame_range(t, h0 - close_ramp_s, h1 + OPEN_RAMP_S)
         if lo >= hi:
             continue
         tt = t[lo:hi]
-        rise = _smoothstep((tt - (h0 - CLOSE_RAMP_S)) / CLOSE_RAMP_S)
+        rise = _smoothstep((tt - (h0 - close_ramp_s)) / close_ramp_s)
         fall = 1.0 - _smoothstep((tt - h1) / OPEN_RAMP_S)
         envelope = strength * np.minimum(rise, fall)
         target = visemes.target_vector(seg.viseme)[columns]
