@@ -41,13 +41,14 @@ ROUNDS = 40
 def _stage_first_chunk(text: str) -> tuple[list[float], list[float]]:
     from backbone.records import ReplyText, SessionConfig, SessionControl
     from backbone.stage import Inbound, SessionState
-    from processors.tts import TtsStage, split_sentences
+    from processors.sentences import split_sentences
+    from processors.tts import MAX_SENTENCE_CHARS, TtsStage
 
     tts = TtsStage()
     tts.live = True
     tts.start()
     first_ms, floor_ms = [], []
-    first_sentence = split_sentences(text)[0]
+    first_sentence = split_sentences(text, MAX_SENTENCE_CHARS)[0]
     for i in range(ROUNDS + 3):
         state = SessionState(f"s{i}")
         now = int(time.time() * 1000)

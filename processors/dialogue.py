@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from backbone.records import ReplyText, SessionControl, Transcript
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
+from processors.sentences import SentenceSplitter
 
 log = logging.getLogger("avatar.dialogue")
 
@@ -278,80 +278,6 @@ class AnthropicAdapter(_HttpStreamAdapter):
         return "", False  # message_start, content_block_start/stop, message_delta, ping
 
 
-# A sentence ends at . ! ? (or a run of them, or an ellipsis), optionally closed by quotes or
-# brackets, when whitespace follows: "3.14" and "example.com" stay whole.
-_SENTENCE_END = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*(?=\s)")
-# Words whose trailing period is not a sentence end (lower-cased, without the period).
-ABBREVIATIONS: Final = frozenset({
-    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "approx",
-    "no", "inc", "ltd", "co", "corp", "dept", "fig", "mt", "jan", "feb", "mar", "apr", "jun",
-    "jul", "aug", "sep", "sept", "oct", "nov", "dec"})
-# Markdown emphasis and headings would otherwise be read out as symbols.
-_MARKUP = re.compile(r"[*#`]+")
-
-
-class SentenceSplitter:
-    """Cuts streamed text into speakable sentences: at . ! ? and newlines, not after an
-    abbreviation or an initial, and at a clause boundary once a sentence runs too long."""
-
-    def __init__(self, max_chars: int = MAX_CHUNK_CHARS) -> None:
-        self._buf = ""
-        self._max = max_chars
-
-    def feed(self, delta: str) -> list[str]:
-        self._buf += delta
-        out: list[str] = []
-        while True:
-            cut = self._next_cut()
-            if cut is None:
-                break
-            piece, self._buf = self._buf[:cut], self._buf[cut:]
-            out.extend(self._clean(piece))
-        return out
-
-    def flush(self) -> list[str]:
-        piece, self._buf = self._buf, ""
-        return self._clean(piece)
-
-    def _next_cut(self) -> int | None:
-        buf = self._buf
-        newline = buf.find("\n")
-        for m in _SENTENCE_END.finditer(buf):
-            if 0 <= newline < m.end():
-                break
-            if not self._is_abbreviation(buf, m.start()):
-                return m.end()
-        if newline >= 0:
-            return newline + 1
-        if len(buf) > self._max:
-            # Too long without an end: break after the last clause mark or space in range.
-            window = buf[:self._max]
-            for marks in (",;:\u2014", " "):
-                at = max(window.rfind(c) for c in marks)
-                if at > self._max // 4:
-                    return at + 1
-            return self._max
-        return None
-
-    @staticmethod
-    def _is_abbreviation(buf: str, dot: int) -> bool:
-        if buf[dot] != ".":
-            return False
-        word = re.search(r"[\w.]*$", buf[:dot])
-        token = word.group(0).lower() if word else ""
-        if not token:
-            return False
-        # "J. R. R. Tolkien", "U.S. economy": a single letter before the period.
-        last = token.rsplit(".", 1)[-1]
-        return token in ABBREVIATIONS or (len(last) == 1 and last.isalpha())
-
-    @staticmethod
-    def _clean(piece: str) -> list[str]:
-        text = " ".join(_MARKUP.sub("", piece).split())
-        # A piece of bare punctuation ("...", "-") has nothing to say.
-        return [text] if any(c.isalnum() for c in text) else []
-
-
 AdapterFactory = Callable[[DialogueSettings, httpx.Client], ChatAdapter]
 
 ADAPTERS: Final[dict[str, AdapterFactory]] = {
@@ -514,7 +440,7 @@ class DialogueStage(BaseStage):
 def _sentences(deltas: Iterable[str], cancel: threading.Event) -> Iterator[str]:
     """Sentences of a streamed answer, as each completes; stops at MAX_REPLY_CHARS or when
     cancelled (the unfinished clause is then dropped)."""
-    splitter = SentenceSplitter()
+    splitter = SentenceSplitter(MAX_CHUNK_CHARS)
     chars = 0
     for delta in deltas:
         for sentence in splitter.feed(delta):

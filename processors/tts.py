@@ -8,7 +8,6 @@ what was actually said. Offline (the demo, tests), a reply is spoken in one go.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Callable, Iterable, Iterator
 
 from backbone.records import PhonemeSpan, PhonemeSpans, ReplyText, SessionControl, SpeechChunk
@@ -16,6 +15,7 @@ from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, Sessio
                             remember_control, session_config)
 from backbone.tracing import now_ms
 from processors.espeak import EspeakSynth, SpeechError, Synthesis
+from processors.sentences import split_sentences
 
 log = logging.getLogger("avatar.tts")
 
@@ -32,27 +32,6 @@ PHONEME_LEAD_S = 0.3
 MAX_SENTENCE_CHARS = 240
 MAX_QUEUED_SENTENCES = 500  # ~10 minutes of speech; more is a runaway reply
 KEEP_INTERRUPTED = 16  # interrupted reply ids remembered, to drop their late chunks
-
-_SENTENCE_END = re.compile(r"(?<=[.!?;:…])\s+|\n+")
-_CLAUSE_END = re.compile(r"(?<=[,;:—–-])\s+")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of at most MAX_SENTENCE_CHARS, cut at clause then word boundaries."""
-    out: list[str] = []
-    for sentence in _SENTENCE_END.split(text):
-        sentence = sentence.strip()
-        while len(sentence) > MAX_SENTENCE_CHARS:
-            head = sentence[:MAX_SENTENCE_CHARS]
-            cuts = [m.end() for m in _CLAUSE_END.finditer(head)] or \
-                   [m.end() for m in re.finditer(r"\s+", head)]
-            cut = cuts[-1] if cuts and cuts[-1] > MAX_SENTENCE_CHARS // 3 else MAX_SENTENCE_CHARS
-            out.append(sentence[:cut].strip())
-            sentence = sentence[cut:].strip()
-        if sentence:
-            out.append(sentence)
-    return out
-
 
 class TtsStage(BaseStage):
     name = "tts"
@@ -92,7 +71,7 @@ class TtsStage(BaseStage):
                      extra={"session": value.session_id, "utterance": value.utterance_id})
             return []
         queue: list[dict[str, Any]] = state.data.setdefault("queue", [])
-        sentences = split_sentences(text)
+        sentences = split_sentences(text, MAX_SENTENCE_CHARS)
         if len(queue) + len(sentences) > MAX_QUEUED_SENTENCES:
             raise RecordRejected(f"{len(queue)} sentences already queued; the reply would "
                                  f"exceed {MAX_QUEUED_SENTENCES}", "overloaded")

@@ -10,7 +10,8 @@ from prometheus_client import REGISTRY
 from backbone.harness import run_stage
 from backbone.records import ReplyText, SessionConfig, SessionControl, Transcript
 from backbone.stage import Inbound
-from processors.dialogue import DialogueSettings, DialogueStage, SentenceSplitter
+from processors.dialogue import MAX_CHUNK_CHARS, DialogueSettings, DialogueStage
+from processors.sentences import SentenceSplitter
 from tests.support.fake_llm import Behaviour, FakeLLM
 
 KEY = "sk-test-secret-0123456789"
@@ -234,7 +235,7 @@ def test_cancel_stops_the_stream_after_the_sentence_in_hand(llm):
 
 
 def test_long_clause_is_cut_at_a_clause_mark_near_200_chars():
-    splitter = SentenceSplitter()
+    splitter = SentenceSplitter(MAX_CHUNK_CHARS)
     text = ", ".join(["a few words here"] * 30)
     pieces = splitter.feed(text) + splitter.flush()
     assert len(pieces) > 1 and all(len(p) <= 200 for p in pieces)
@@ -242,7 +243,7 @@ def test_long_clause_is_cut_at_a_clause_mark_near_200_chars():
 
 
 def test_sentences_do_not_split_at_decimals_abbreviations_or_initials():
-    splitter = SentenceSplitter()
+    splitter = SentenceSplitter(MAX_CHUNK_CHARS)
     text = "Pi is 3.14 today, says Dr. Smith! J. R. R. Tolkien wrote it. Done"
     pieces = [p for ch in text for p in splitter.feed(ch)] + splitter.flush()
     assert pieces == ["Pi is 3.14 today, says Dr. Smith!", "J. R. R. Tolkien wrote it.", "Done"]

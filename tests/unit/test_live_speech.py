@@ -8,7 +8,8 @@ from backbone.harness import run_stage, tick_stage
 from backbone.records import (MotionFrames, PhonemeSpan, PhonemeSpans, ReplyText, SessionConfig,
                               SessionControl, SpeechChunk)
 from processors.animate import IDLE_LAG_S, AnimateStage
-from processors.tts import CHUNK_S, LEAD_S, PHONEME_LEAD_S, TtsStage, split_sentences
+from processors.sentences import split_sentences
+from processors.tts import CHUNK_S, LEAD_S, MAX_SENTENCE_CHARS, PHONEME_LEAD_S, TtsStage
 
 T0 = 1_000_000  # the session's creation, in ms of the fake wall clock
 SR = 22050
@@ -110,7 +111,7 @@ def test_streamed_reply_sentences_are_contiguous_and_end_once():
 
 
 def test_a_long_reply_is_split_into_sentences_below_the_limit():
-    parts = split_sentences("Hi. " + "word " * 200 + "end!  Next one?\nLast")
+    parts = split_sentences("Hi. " + "word " * 200 + "end!  Next one?\nLast", MAX_SENTENCE_CHARS)
     assert parts[0] == "Hi." and parts[-2:] == ["Next one?", "Last"]
     assert all(len(p) <= 240 for p in parts)
     assert " ".join(parts).split() == ("Hi. " + "word " * 200 + "end! Next one? Last").split()
