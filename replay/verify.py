@@ -8,17 +8,22 @@ checkpoints together show what happened to the log.
 """
 from __future__ import annotations
 
+import binascii
+import hashlib
+import hmac
 from collections import defaultdict
+from itertools import groupby
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator, NamedTuple
 
 from backbone import integrity
-from backbone.bus import Bus, Message
+from backbone.bus import Bus, BusAdmin, Message
 from backbone.codec import AvroCodec, DecodeError
-from backbone.integrity import GENESIS
+from backbone.integrity import GENESIS, LINK_BYTES
 from backbone.records import IntegrityCheckpoint
 from backbone.settings import Settings
 from backbone.topics import TOPICS
-from backbone.tracing import RecordHeaders
+from backbone.tracing import H_SEQ, H_STAGE
 
 TAMPERING = ("modified", "deleted", "reordered", "injected", "unchained")
 # Not tampering, reported so an auditor sees them: a producer restarted its chain (gateway
@@ -65,10 +70,10 @@ class VerifyReport:
         return "\n".join([head] + [f.line() for f in self.findings])
 
 
-@dataclass
-class _Rec:
-    index: int
-    msg: Message
+class _Rec(NamedTuple):  # a tuple: one is made per record, and a tuple is the cheapest
+    position: int  # in its chain
+    partition: int
+    offset: int
     stage: str
     seq: int
     link: bytes | None
@@ -78,46 +83,122 @@ class _Rec:
 
 def read_session_raw(bus: Bus, settings: Settings, session_id: str) -> list[tuple[str, Message]]:
     """Every record of the session on every chained topic, in log order per topic."""
+    return list(iter_session_raw(bus, settings, session_id))
+
+
+def iter_session_raw(bus: Bus, settings: Settings, session_id: str) -> Iterator[tuple[str, Message]]:
+    """`read_session_raw` as a stream."""
     admin = bus.admin()
     key = session_id.encode()
-    out = []
+    for logical, physical, partition in _chained_partitions(admin, settings, key):
+        for m in admin.read(physical, partition):
+            if m.key == key:
+                yield logical, m
+
+
+def _chained_partitions(admin: BusAdmin, settings: Settings,
+                        key: bytes) -> Iterator[tuple[str, str, int]]:
     existing = admin.list_topics()
     for logical in TOPICS:
         physical = settings.topic(logical)
         if logical in UNCHAINED_TOPICS or physical not in existing:
             continue
-        partition = admin.partitions_for(key, physical)
-        out += [(logical, m) for m in admin.read(physical, partition) if m.key == key]
-    return out
+        yield logical, physical, admin.partitions_for(key, physical)
 
 
-def verify_records(session_id: str, records: list[tuple[str, Message]],
+# What verification reads of a record: offset, stored value, [stage, seq, link, link_prev].
+_Row = tuple[int, "bytes | None", "list[bytes | None]"]
+_LINK_HEADERS = (H_STAGE, H_SEQ, integrity.H_LINK, integrity.H_LINK_PREV)
+
+
+def _session_partitions(bus: Bus, settings: Settings,
+                        session_id: str) -> Iterator[tuple[str, int, Iterable[_Row]]]:
+    """Per chained topic: its partition and the session's records on it, streamed through
+    the embedded bus's keyed read when there is one (no Message per record), otherwise
+    through the bus's ordinary partition read."""
+    admin = bus.admin()
+    key = session_id.encode()
+    read_key = getattr(admin, "read_key", None)
+    for logical, physical, partition in _chained_partitions(admin, settings, key):
+        if read_key is not None:
+            yield logical, partition, read_key(physical, partition, key, _LINK_HEADERS)
+        else:
+            yield logical, partition, (_row(m) for m in admin.read(physical, partition)
+                                       if m.key == key)
+
+
+def _row(m: Message) -> _Row:
+    return m.offset, m.value, [m.header(h) for h in _LINK_HEADERS]
+
+
+def verify_records(session_id: str, records: Iterable[tuple[str, Message]],
                    key: bytes) -> VerifyReport:
+    """Verify records already read (topic, message), e.g. from `read_session_raw`."""
+    runs = groupby(records, key=lambda tm: (tm[0], tm[1].partition))
+    return _verify(session_id, ((topic, partition, (_row(m) for _, m in run))
+                                for (topic, partition), run in runs), key)
+
+
+def _verify(session_id: str, partitions: Iterable[tuple[str, int, Iterable[_Row]]],
+            key: bytes) -> VerifyReport:
     report = VerifyReport(session_id)
     codec = AvroCodec()
     chains: dict[tuple[str, str], list[_Rec]] = defaultdict(list)
     checkpoints: list[tuple[_Rec, IntegrityCheckpoint]] = []
-    for topic, m in records:
-        report.records += 1
-        hdr = RecordHeaders.decode(m)
-        links = integrity.read_links(m)
-        rec = _Rec(len(chains[(topic, hdr.stage)]), m, hdr.stage, hdr.seq,
-                   links[0] if links else None, links[1] if links else None)
-        if links is None:
-            report.findings.append(_finding("unchained", topic, rec,
-                                            "no integrity link: not written by a producer "
-                                            "of this system"))
-            continue
-        rec.authentic = integrity.link(key, links[1], topic, hdr.stage, hdr.seq,
-                                       m.value) == links[0]
-        chains[(topic, hdr.stage)].append(rec)
-        if topic == "audit" and rec.authentic:
+    unhex = binascii.unhexlify  # takes the header's bytes as they are (fromhex wants a str)
+    sha256 = hashlib.sha256
+    hmac_digest = hmac.digest
+    stages: dict[bytes | None, str] = {}
+    # Per (topic, stage): its chain and the middle of every link's MAC input (see
+    # integrity.link); records of one chain come in runs, so the last one is kept at hand.
+    mids: dict[tuple[str, str], bytes] = {}
+    last: tuple[str, str] | None = None
+    chain: list[_Rec] = []
+    mid = b""
+    count = 0
+    for topic, partition, rows in partitions:
+        # The hot loop of `replay verify` (every record of a session): four headers per
+        # record, two C calls for the hashes, and nothing kept of a record but its place
+        # in its chain.
+        for offset, value, (raw_stage, raw_seq, a, b) in rows:
+            count += 1
+            stage = stages.get(raw_stage)
+            if stage is None:
+                stage = stages[raw_stage] = (raw_stage.decode("utf-8", "replace")
+                                             if raw_stage else "")
             try:
-                cp = codec.decode(m.value, "integrity_checkpoint")
-            except DecodeError:
+                seq = int(raw_seq or b"")
+            except ValueError:
+                seq = -1
+            try:
+                got = unhex(a) if a else None
+                prev = unhex(b) if b else None
+            except ValueError:  # binascii.Error is one
+                got = prev = None
+            if last != (topic, stage):
+                last = (topic, stage)
+                chain = chains[last]
+                mid = mids.get(last) or mids.setdefault(
+                    last, f"\x00{topic}\x00{stage}\x00".encode())
+            if got is None or prev is None or len(got) != LINK_BYTES or len(prev) != LINK_BYTES:
+                report.findings.append(_finding("unchained", topic, _Rec(
+                    len(chain), partition, offset, stage, seq, None, None),
+                    "no integrity link: not written by a producer of this system"))
                 continue
-            if isinstance(cp, IntegrityCheckpoint):
-                checkpoints.append((rec, cp))
+            # integrity.link, inlined: the same MAC input, from the cached middle.
+            authentic = hmac_digest(key, b"".join((prev, mid, b"%d\x00" % seq,
+                                                   sha256(value or b"").digest())),
+                                    "sha256")[:LINK_BYTES] == got
+            rec = _Rec(len(chain), partition, offset, stage, seq, got, prev, authentic)
+            chain.append(rec)
+            if authentic and topic == "audit":
+                try:
+                    cp = codec.decode(value, "integrity_checkpoint")
+                except DecodeError:
+                    continue
+                if isinstance(cp, IntegrityCheckpoint):
+                    checkpoints.append((rec, cp))
+    report.records = count
     report.chains = len(chains)
     produced: dict[tuple[str, str], dict[bytes, _Rec]] = {}
     for (topic, stage), recs in chains.items():
@@ -125,12 +206,12 @@ def verify_records(session_id: str, records: list[tuple[str, Message]],
     for rec, cp in checkpoints:
         report.checkpoints += 1
         for h in cp.heads:
-            chain = produced.get((h.topic, cp.stage), {})
-            got = chain.get(bytes.fromhex(h.link)) if len(h.link) == 32 else None
-            if got is None or got.seq != h.seq:
+            heads = produced.get((h.topic, cp.stage), {})
+            found = heads.get(bytes.fromhex(h.link)) if len(h.link) == 32 else None
+            if found is None or found.seq != h.seq:
                 report.findings.append(Finding(
                     "deleted", h.topic, -1, -1, cp.stage, h.seq,
-                    f"the checkpoint at audit@{rec.msg.offset} lists seq {h.seq} as the "
+                    f"the checkpoint at audit@{rec.offset} lists seq {h.seq} as the "
                     f"{cp.stage} chain's head, and no such record is in the log"))
     report.findings.sort(key=lambda f: (f.kind not in TAMPERING, f.topic, f.offset))
     return report
@@ -175,9 +256,9 @@ def _check_chain(topic: str, recs: list[_Rec], report: VerifyReport) -> dict[byt
             report.findings.append(_finding("deleted", topic, r, "it follows a record that "
                                             "is not in the log: the record(s) before it "
                                             "were deleted"))
-        elif before.msg.offset > r.msg.offset:
+        elif before.offset > r.offset:
             report.findings.append(_finding("reordered", topic, r, "it is stored before the "
-                                            f"record it follows (offset {before.msg.offset})"))
+                                            f"record it follows (offset {before.offset})"))
     for prev, forks in by_prev.items():
         for r in forks[1:]:
             if any(f.seq == r.seq for f in forks[:1]):
@@ -187,10 +268,10 @@ def _check_chain(topic: str, recs: list[_Rec], report: VerifyReport) -> dict[byt
 
 
 def _finding(kind: str, topic: str, r: _Rec, detail: str) -> Finding:
-    return Finding(kind, topic, r.msg.partition, r.msg.offset, r.stage, r.seq, detail)
+    return Finding(kind, topic, r.partition, r.offset, r.stage, r.seq, detail)
 
 
 def verify_session(bus: Bus, settings: Settings, session_id: str,
                    key: bytes | None = None) -> VerifyReport:
-    records = read_session_raw(bus, settings, session_id)
-    return verify_records(session_id, records, key or integrity.session_key(session_id))
+    return _verify(session_id, _session_partitions(bus, settings, session_id),
+                   key or integrity.session_key(session_id))
