@@ -19,6 +19,15 @@ from backbone.stages import PIPELINE
 METRICS_BASE_PORT = 9101  # stage i serves /metrics on 9101 + i
 
 
+def _stage_env(bootstrap: str) -> dict[str, str]:
+    """What every stage process of the local stack runs with. Our broker accepts short group
+    sessions, so a crashed process's partitions move within about a second (the settings'
+    defaults suit a stock broker, which refuses sessions under 6 s)."""
+    return {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": bootstrap,
+            "AVATAR_SESSION_TIMEOUT_MS": os.environ.get("AVATAR_SESSION_TIMEOUT_MS", "800"),
+            "AVATAR_HEARTBEAT_MS": os.environ.get("AVATAR_HEARTBEAT_MS", "100")}
+
+
 def up(run_dir: Path, foreground: bool = False) -> dict[str, int]:
     run_dir.mkdir(parents=True, exist_ok=True)
     bs = broker.BrokerSettings.from_env()
@@ -26,9 +35,10 @@ def up(run_dir: Path, foreground: bool = False) -> dict[str, int]:
     settings = Settings.from_env(bus="kafka", bootstrap=bootstrap)
     provision_topics(settings, PIPELINE)
     pids: dict[str, int] = {}
-    for i, name in enumerate(PIPELINE):
-        env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": bootstrap,
-               "AVATAR_METRICS_PORT": str(METRICS_BASE_PORT + i),
+    if settings.autoscale:
+        pids["autoscale"] = _autoscaler(run_dir, bootstrap, settings)
+    for i, name in enumerate(() if settings.autoscale else PIPELINE):
+        env = {**_stage_env(bootstrap), "AVATAR_METRICS_PORT": str(METRICS_BASE_PORT + i),
                "AVATAR_INSTANCE_ID": f"{name}-0"}
         logf = open(run_dir / f"{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "backbone.cli", "stage", name], env=env,
@@ -52,6 +62,19 @@ def up(run_dir: Path, foreground: bool = False) -> dict[str, int]:
         except KeyboardInterrupt:
             down(run_dir)
     return pids
+
+
+def _autoscaler(run_dir: Path, bootstrap: str, settings: Settings) -> int:
+    """One process owns the stage processes: it starts `autoscale_min` of each and adds or
+    removes them on latency (backbone/autoscale.py); SIGTERM to it stops them all cleanly."""
+    env = _stage_env(bootstrap)
+    proc = subprocess.Popen([sys.executable, "-m", "backbone.autoscale", "--run-dir",
+                             str(run_dir)], env=env, stdout=open(run_dir / "autoscale.log", "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"autoscale: pid {proc.pid}, stages {settings.autoscale_min}-{settings.autoscale_max} "
+          f"processes each on p95 <= {settings.autoscale_slo_ms:g} ms; decisions in "
+          f"{run_dir / 'autoscale.log'}, metrics targets in {run_dir / 'prometheus-targets.json'}")
+    return proc.pid
 
 
 def _gateway(run_dir: Path, bootstrap: str) -> tuple[int, str]:
