@@ -33,6 +33,7 @@ __all__ = [
     "fetch_jars",
     "kill",
     "log_tail",
+    "restart",
     "server_properties",
     "start",
     "status",
@@ -252,6 +253,9 @@ share.coordinator.state.topic.num.partitions=1
 
 # consumers join at once instead of waiting 3 s for more members
 group.initial.rebalance.delay.ms=0
+# stage consumers may ask for a 1 s session (fail-over within 2 s after a crash); the 6 s
+# default minimum would refuse them
+group.min.session.timeout.ms=500
 # topics are provisioned by the project, a typo must not create one
 auto.create.topics.enable=false
 
@@ -555,6 +559,13 @@ def stop(settings: BrokerSettings, timeout_s: float = 30.0) -> bool:
             if not _signal_and_wait(settings, pid, signal.SIGKILL, _KILL_WAIT_S):
                 raise BrokerError(f"kafka broker pid {pid} survived SIGKILL")
         return True
+
+
+def restart(settings: BrokerSettings, timeout_s: float = 90.0) -> str:
+    """Stop this home's broker cleanly and start it again on the same log dir and ports
+    (fault tests: a broker restart under a live session); returns the bootstrap address."""
+    stop(settings)
+    return start(settings, timeout_s)
 
 
 def kill(settings: BrokerSettings) -> bool:

@@ -92,9 +92,17 @@ class KafkaBus:
         return KafkaProducer(conf)
 
     def consumer(self, group: str, *, read_committed: bool = False,
-                 stats_cb: Callable[[str], None] | None = None) -> KafkaConsumer:
+                 stats_cb: Callable[[str], None] | None = None, client_id: str | None = None,
+                 session_timeout_ms: int | None = None,
+                 heartbeat_ms: int | None = None) -> KafkaConsumer:
         conf = {"bootstrap.servers": self.bootstrap, "group.id": group, **CONSUMER_DEFAULTS,
                 **self.extra}
+        if client_id:  # names the member in the group's description (which instance owns what)
+            conf["client.id"] = client_id
+        if session_timeout_ms is not None:
+            conf["session.timeout.ms"] = session_timeout_ms
+        if heartbeat_ms is not None:
+            conf["heartbeat.interval.ms"] = heartbeat_ms
         conf["isolation.level"] = "read_committed" if read_committed else "read_uncommitted"
         if stats_cb is not None:
             conf["statistics.interval.ms"] = 2000

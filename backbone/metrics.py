@@ -26,6 +26,9 @@ CONSUMER_LAG = Gauge("avatar_stage_consumer_lag", "Records behind the partition 
 SESSIONS = Gauge("avatar_stage_sessions", "Sessions with state in this process", ["stage"])
 RESTORED = Counter("avatar_stage_state_restored_total",
                    "Session states restored from the changelog after an assignment", ["stage"])
+RECOVERED = Counter("avatar_stage_resumed_sessions_total",
+                    "Sessions continued after outputs a crashed instance logged past its last "
+                    "checkpoint", ["stage"])
 
 TICK_ERRORS = Counter("avatar_stage_tick_errors_total",
                       "Errors raised by a stage's clock tick (the session goes on)", ["stage"])

@@ -38,6 +38,17 @@ ENV_NAMES: dict[str, tuple[str, type]] = {
     "group_prefix": ("AVATAR_GROUP_PREFIX", str),
     "live": ("AVATAR_LIVE", bool),
     "tick_ms": ("AVATAR_TICK_MS", int),
+    "session_timeout_ms": ("AVATAR_SESSION_TIMEOUT_MS", int),
+    "heartbeat_ms": ("AVATAR_HEARTBEAT_MS", int),
+    "autoscale": ("AVATAR_AUTOSCALE", bool),
+    "autoscale_slo_ms": ("AVATAR_AUTOSCALE_SLO_MS", float),
+    "autoscale_stage_slo_ms": ("AVATAR_AUTOSCALE_STAGE_SLO_MS", str),
+    "autoscale_window_s": ("AVATAR_AUTOSCALE_WINDOW_S", float),
+    "autoscale_breach_windows": ("AVATAR_AUTOSCALE_BREACH_WINDOWS", int),
+    "autoscale_idle_windows": ("AVATAR_AUTOSCALE_IDLE_WINDOWS", int),
+    "autoscale_min": ("AVATAR_AUTOSCALE_MIN", int),
+    "autoscale_max": ("AVATAR_AUTOSCALE_MAX", int),
+    "autoscale_cooldown_s": ("AVATAR_AUTOSCALE_COOLDOWN_S", float),
 }
 
 
@@ -69,6 +80,27 @@ class Settings:
     live: bool = True
     # 20 ms: half a 40 ms motion chunk, so paced output is at most that late.
     tick_ms: int = 20
+    # Fail-over: a killed stage instance holds its partitions until the group coordinator
+    # misses its heartbeats this long; a standby then takes over. 6 s is the lowest a stock
+    # broker accepts (group.min.session.timeout.ms); with a broker that allows less (ours
+    # allows 500 ms), 800/100 keeps a crash's visible gap under 2 s (benchmarks/faults.py).
+    session_timeout_ms: int = 6000
+    heartbeat_ms: int = 1000
+    # Local autoscaler (`avatar up --autoscale`, backbone/autoscale.py).
+    autoscale: bool = False
+    # The product's audio-to-avatar budget; every stage's end-to-end p95 must fit in it.
+    autoscale_slo_ms: float = 200.0
+    autoscale_stage_slo_ms: str = ""  # per-stage overrides: "dialogue=1500,render=150"
+    # 5 s: long enough for a p95 over tens of records per stage, short enough to react
+    # within a few seconds of the 200 ms budget being lost.
+    autoscale_window_s: float = 5.0
+    autoscale_breach_windows: int = 3  # sustained, not one spike
+    autoscale_idle_windows: int = 12  # give back capacity slower than it is taken
+    autoscale_min: int = 1
+    # Processes per stage; more than the topic partitions would sit idle in the group.
+    autoscale_max: int = 4
+    # A new process needs ~5-10 s to load models and join the group, then drains the backlog.
+    autoscale_cooldown_s: float = 30.0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

@@ -64,19 +64,22 @@ class SessionState:
     controls_read: bool = False
     chains: dict[str, str] = field(default_factory=dict)  # output topic -> last link (hex)
     audited_ms: int = 0  # when this session's chain heads were last checkpointed
+    # Output topic -> offset of its last record known delivered: where a successor looks
+    # for what this instance wrote after its last checkpoint (see StageRunner._recover).
+    logged: dict[str, int] = field(default_factory=dict)
 
     def snapshot(self) -> dict[str, Any]:
         return {"session_id": self.session_id, "data": self.data, "last_seq": self.last_seq,
                 "next_seq": self.next_seq, "applied": self.applied, "ended": self.ended,
                 "controls_read": self.controls_read, "chains": self.chains,
-                "audited_ms": self.audited_ms}
+                "audited_ms": self.audited_ms, "logged": self.logged}
 
     @classmethod
     def restore(cls, snap: dict[str, Any]) -> SessionState:
         return cls(snap["session_id"], dict(snap["data"]), {}, dict(snap["last_seq"]),
                    dict(snap["next_seq"]), dict(snap["applied"]), bool(snap["ended"]),
                    bool(snap.get("controls_read", False)), dict(snap.get("chains", {})),
-                   int(snap.get("audited_ms", 0)))
+                   int(snap.get("audited_ms", 0)), dict(snap.get("logged", {})))
 
 
 class Stage(Protocol):
@@ -102,6 +105,17 @@ class ClockedStage(Stage, Protocol):
     live: bool
 
     def tick(self, state: SessionState, now_ms: int) -> Iterable[Outbound]: ...
+
+
+class ResumableStage(Stage, Protocol):
+    """A stage whose outputs depend on wall time or on state it cannot checkpoint (an
+    encoder), so replaying its inputs after a crash would not reproduce what it already
+    wrote. After a fail-over the runtime finds the last record of each output topic that the
+    dead instance logged for a session beyond its last checkpoint and calls `resume` with
+    them (logical topic -> value) before any replayed input: the stage continues after them
+    (e.g. at the next frame index) and the runtime numbers its outputs after theirs."""
+
+    def resume(self, state: SessionState, logged: dict[str, RecordValue]) -> None: ...
 
 
 class BaseStage:

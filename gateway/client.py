@@ -110,25 +110,56 @@ class AvatarClient:
 
     # ---- streams -------------------------------------------------------------------
 
-    def events(self, session_id: str, token: str | None = None,
-               timeout_s: float = 30.0) -> Iterator[tuple[dict[str, Any], bytes | None]]:
+    def events(self, session_id: str, token: str | None = None, timeout_s: float = 30.0, *,
+               reconnect: bool = False,
+               max_backoff_s: float = 2.0) -> Iterator[tuple[dict[str, Any], bytes | None]]:
         """(event, media bytes or None) from the session's WebSocket, until it closes or
-        nothing arrives for `timeout_s`."""
+        nothing arrives for `timeout_s`.
+
+        With `reconnect`, a lost connection (a gateway restarting, a network blip) is opened
+        again to the same session, waiting 0.1 s and doubling up to `max_backoff_s` between
+        tries, until nothing has arrived for `timeout_s`; each time it is back, an event
+        `{"type": "reconnected", "attempts": n}` says so; the gateway starts every
+        connection's video at a keyframe, so a decoder can go on at once."""
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
         from websockets.sync.client import connect
 
         url = self.base_url.replace("http", "ws", 1) + \
             f"/v1/sessions/{session_id}/ws?token={token or self.token}"
-        with connect(url, max_size=1 << 22) as ws:
-            while True:
-                try:
-                    msg = ws.recv(timeout=timeout_s)
-                except TimeoutError:
-                    return
-                if isinstance(msg, str):
-                    yield json.loads(msg), None
-                else:
-                    n = int.from_bytes(msg[:4], "big")
-                    yield json.loads(msg[4:4 + n]), bytes(msg[4 + n:])
+        last = time.monotonic()
+        attempts = 0
+        while True:
+            try:
+                ws = connect(url, max_size=1 << 22, open_timeout=max(1.0, timeout_s))
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                # A gateway still starting may answer garbage or a 5xx: try again. A refused
+                # token (4xx) will not get better by retrying.
+                status = getattr(getattr(exc, "response", None), "status_code", 0)
+                if not reconnect or 400 <= status < 500 or \
+                        time.monotonic() - last >= timeout_s:
+                    raise
+                attempts += 1
+                time.sleep(min(max_backoff_s, 0.1 * 2 ** min(attempts - 1, 10)))
+                continue
+            with ws:
+                if attempts:
+                    yield {"type": "reconnected", "attempts": attempts}, None
+                    attempts = 0
+                while True:
+                    try:
+                        msg = ws.recv(timeout=max(0.0, timeout_s - (time.monotonic() - last)))
+                    except TimeoutError:
+                        return
+                    except ConnectionClosed:
+                        if not reconnect:
+                            return
+                        break
+                    last = time.monotonic()
+                    if isinstance(msg, str):
+                        yield json.loads(msg), None
+                    else:
+                        n = int.from_bytes(msg[:4], "big")
+                        yield json.loads(msg[4:4 + n]), bytes(msg[4 + n:])
 
     async def watch(self, session_id: str, token: str | None = None) -> Viewer:
         """Negotiate WebRTC through WHEP (aiortc); frames land in the viewer's queues."""

@@ -31,6 +31,11 @@ QUEUE_RECORDS = 400
 
 DROPPED = Counter("avatar_gateway_dropped_records_total",
                   "Records not delivered to a client that fell behind", ["topic"])
+# Video frames a viewer did not get, by why: "slow_viewer" (its queue was full, so its video
+# skips to the next keyframe: a frame without its references would not decode) and
+# "duplicate" (a record logged twice, e.g. replayed after a stage crash; never shown twice).
+DROPPED_FRAMES = Counter("avatar_gateway_dropped_frames_total",
+                         "Video frames not delivered to a viewer", ["reason"])
 
 
 @dataclass(frozen=True)
@@ -51,22 +56,45 @@ class Subscription:
         self.queue: asyncio.Queue[Delivered] = asyncio.Queue(QUEUE_RECORDS)
         self.blocking: queue.Queue[Delivered] = queue.Queue(QUEUE_RECORDS)
         self._loop = loop
+        self._skipping = False  # video dropped until the next keyframe (the queue was full)
+        # A new (or reconnected) viewer's video starts at a keyframe: before it, nothing
+        # would decode.
+        self._keyed = False
+        self.dropped_frames = 0
 
     def offer(self, item: Delivered) -> None:
         """From the hub thread: hand over without blocking, dropping when full."""
         if self._loop is None:
-            try:
-                self.blocking.put_nowait(item)
-            except queue.Full:
-                DROPPED.labels(item.topic).inc()
+            self._put(item, self.blocking.put_nowait, queue.Full)
             return
+        self._loop.call_soon_threadsafe(self._put, item, self.queue.put_nowait,
+                                        asyncio.QueueFull)
 
-        def put() -> None:
-            try:
-                self.queue.put_nowait(item)
-            except asyncio.QueueFull:
+    def _put(self, item: Delivered, put: Callable[[Delivered], None],
+             full: type[Exception]) -> None:
+        video = item.topic == "video"
+        if video and not self._keyed:
+            if not getattr(item.value, "keyframe", False):
+                return
+            self._keyed = True
+        if video and self._skipping:
+            if not getattr(item.value, "keyframe", False):
+                self._drop_frame()
+                return
+            self._skipping = False
+        try:
+            put(item)
+        except full:
+            if video:
+                self._skipping = True
+                self._drop_frame()
+            else:
                 DROPPED.labels(item.topic).inc()
-        self._loop.call_soon_threadsafe(put)
+
+    def _drop_frame(self) -> None:
+        self.dropped_frames += 1
+        DROPPED.labels("video").inc()
+        DROPPED_FRAMES.labels("slow_viewer").inc()
 
     async def get(self, timeout_s: float | None = None) -> Delivered | None:
         try:
@@ -81,6 +109,9 @@ class SessionHub:
         self._bus = bus
         self._codec = AvroCodec(registry_url=settings.schema_registry_url)
         self._subs: dict[str, list[Subscription]] = {}
+        # (session, topic, producer) -> last seq handed out: a record logged twice (a stage
+        # replaying after a crash) reaches no viewer twice. Kept while a session has viewers.
+        self._delivered: dict[tuple[str, str, str], int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -119,6 +150,8 @@ class SessionHub:
                 subs.remove(sub)
             if not subs:
                 self._subs.pop(sub.session_id, None)
+                for k in [k for k in self._delivered if k[0] == sub.session_id]:
+                    del self._delivered[k]
 
     def _open(self, session: str, topic: str, body: bytes | None) -> bytes | None:
         if body is None or not is_sealed(body) or self.keys is None:
@@ -161,12 +194,20 @@ class SessionHub:
                 wanted = [s for s in subs if topic in s.topics]
                 if not wanted:
                     continue
+                headers = RecordHeaders.decode(m)
+                if headers.seq >= 0:
+                    key = (session, topic, headers.stage)
+                    if headers.seq <= self._delivered.get(key, -1):
+                        if topic == "video":
+                            DROPPED_FRAMES.labels("duplicate").inc()
+                        continue
+                    self._delivered[key] = headers.seq
                 try:
                     value = self._codec.decode(self._open(session, topic, m.value),
                                                TOPICS[topic].schema)
                 except (DecodeError, SealedError):
                     continue  # the stages dead-letter it; a viewer just does not see it
-                item = Delivered(topic, value, RecordHeaders.decode(m), m.timestamp_ms)
+                item = Delivered(topic, value, headers, m.timestamp_ms)
                 for s in wanted:
                     s.offer(item)
         finally:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from backbone.records import EMOTIONS, MotionFrames, PhonemeSpans, SessionControl
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
-from backbone.tracing import now_ms
+from backbone.tracing import new_traceparent, now_ms
 from processors.motion_procedural import LOOKAHEAD_S, procedural_motion
 from processors.tts import PHONEME_LEAD_S
 
@@ -152,7 +152,17 @@ class AnimateStage(BaseStage):
             return []  # idle frames go out one by one: a viewer waits for none of them
         if target - next_frame > MAX_CATCH_UP_S * fps:
             state.data["next_frame"] = target - int(MAX_CATCH_UP_S * fps)
-        return self._frames_until(state, target, "idle", False)
+        # One trace per tick, shared by all its records: `replay rerender` tells the ticks
+        # apart by it and makes each tick's frames in one call again, as here.
+        return self._frames_until(state, target, "idle", False, new_traceparent())
+
+    def resume(self, state: SessionState, logged: dict[str, Any]) -> None:
+        """After a fail-over: go on after the last motion frame the dead instance logged
+        (idle frames depend on when its clock ticked, so a replay would cut them otherwise)."""
+        last = logged.get("motion")
+        if isinstance(last, MotionFrames) and len(last.frames):
+            state.data["next_frame"] = max(int(state.data.get("next_frame", 0)),
+                                           int(last.frames[-1]) + 1)
 
     def _control(self, value: SessionControl, record: Inbound, state: SessionState) -> None:
         if value.action == "EMOTION":
@@ -201,7 +211,7 @@ class AnimateStage(BaseStage):
         return weights.astype(np.float32), head.astype(np.float32)
 
     def _frames_until(self, state: SessionState, end_frame: int, utterance_id: str,
-                      is_last: bool) -> list[Outbound]:
+                      is_last: bool, traceparent: str = "") -> list[Outbound]:
         next_frame = int(state.data.get("next_frame", 0))
         if end_frame <= next_frame:
             return []
@@ -215,5 +225,6 @@ class AnimateStage(BaseStage):
             b = min(a + per_chunk, n)
             out.append(Outbound("motion", MotionFrames(
                 state.session_id, fps, np.arange(next_frame + a, next_frame + b, dtype=np.int64),
-                weights[a:b], head[a:b], utterance_id, is_last=is_last and b == n)))
+                weights[a:b], head[a:b], utterance_id, is_last=is_last and b == n),
+                traceparent=traceparent))
         return out

@@ -917,6 +917,14 @@ class RenderStage(BaseStage):
             return []
         return self._finish(job, self._render(job.renderer, job.weights, job.head, state))
 
+    def resume(self, state: SessionState, logged: dict[str, Any]) -> None:
+        """After a fail-over: frames up to the last one the dead instance logged are out
+        already; the fresh encoder starts after them (on a keyframe, as a new one does)."""
+        last = logged.get("video")
+        if isinstance(last, VideoChunk):
+            state.data["next_pts"] = max(int(state.data.get("next_pts", 0)), last.pts + 1)
+            state.scratch.pop("encoder", None)
+
     def process_batch(self, items: Sequence[tuple[Inbound, SessionState]]) -> list[
             list[Outbound] | RecordRejected]:
         """Several records at once (e.g. one consumer poll), each with its session's state:

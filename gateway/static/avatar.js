@@ -62,20 +62,51 @@ export class AvatarClient {
   end(id) { return this.#call("DELETE", `/v1/sessions/${id}`); }
 
   // JSON events (transcript, reply, phonemes, motion) and binary media over a WebSocket.
-  events(id, onEvent, token = this.token) {
+  // A lost connection (a gateway restart) is opened again to the same session, waiting
+  // 100 ms and doubling up to `maxBackoffMs`; onEvent then gets {type: "reconnected",
+  // attempts} (the gateway starts each connection's video at a keyframe). A refused token
+  // (close code 4401/4403) is final.
+  // Returns { send(data), close(), socket }.
+  events(id, onEvent, token = this.token, { reconnect = true, maxBackoffMs = 2000 } = {}) {
     const url = new URL(`${this.baseUrl}/v1/sessions/${id}/ws`);
     url.protocol = url.protocol.replace("http", "ws");
     url.searchParams.set("token", token);
-    const ws = new WebSocket(url);
-    ws.binaryType = "arraybuffer";
-    ws.onmessage = (m) => {
-      if (typeof m.data === "string") { onEvent(JSON.parse(m.data), null); return; }
-      const view = new DataView(m.data);
-      const n = view.getUint32(0);
-      const head = JSON.parse(new TextDecoder().decode(new Uint8Array(m.data, 4, n)));
-      onEvent(head, new Uint8Array(m.data, 4 + n));
+    let closed = false;
+    let attempts = 0;
+    const handle = {
+      socket: null,
+      send(data) { handle.socket.send(data); },
+      close() { closed = true; handle.socket.close(); },
     };
-    return ws;
+    const open = () => {
+      const ws = new WebSocket(url);
+      handle.socket = ws;
+      ws.binaryType = "arraybuffer";
+      ws.onopen = () => {
+        if (attempts) onEvent({ type: "reconnected", attempts }, null);
+        attempts = 0;
+      };
+      ws.onmessage = (m) => {
+        if (typeof m.data === "string") { onEvent(JSON.parse(m.data), null); return; }
+        const view = new DataView(m.data);
+        const n = view.getUint32(0);
+        const head = JSON.parse(new TextDecoder().decode(new Uint8Array(m.data, 4, n)));
+        onEvent(head, new Uint8Array(m.data, 4 + n));
+      };
+      // A connection that never opens may report only an error (Node's WebSocket does):
+      // either event schedules the one retry of this socket.
+      let retried = false;
+      const retry = (code) => {
+        if (retried || closed || !reconnect || code === 4401 || code === 4403) return;
+        retried = true;
+        attempts += 1;
+        setTimeout(open, Math.min(maxBackoffMs, 100 * 2 ** Math.min(attempts - 1, 10)));
+      };
+      ws.onerror = () => retry(0);
+      ws.onclose = (e) => retry(e.code);
+    };
+    open();
+    return handle;
   }
 
   // Watch a session in `video` (audio included). Pass a microphone MediaStream to speak to

@@ -92,14 +92,15 @@ class GatewayProcess:
     """`avatar gateway` on a free loopback port, on the settings' broker; waits until healthy."""
 
     def __init__(self, settings: Settings, log_dir: Path, extra_env: dict[str, str],
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, port: int | None = None, name: str = "gateway") -> None:
         import httpx
 
         from tests.support.ports import free_port
 
-        port = free_port()
+        port = port or free_port()  # a restarted gateway takes its predecessor's port
+        self.port = port
         self.base = f"http://127.0.0.1:{port}"
-        self.log_path = log_dir / "gateway.log"
+        self.log_path = log_dir / f"{name}.log"
         env = {**os.environ, "AVATAR_BUS": "kafka", "KAFKA_BOOTSTRAP": settings.bootstrap,
                "AVATAR_TOPIC_PREFIX": settings.topic_prefix,
                "AVATAR_PARTITIONS": str(settings.partitions), "PYTHONPATH": str(ROOT),
@@ -120,6 +121,12 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL (a crash): nothing is flushed or closed cleanly."""
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
 
     def terminate(self, timeout_s: float = 20.0) -> None:
         """SIGTERM; a gateway that does not stop in time is killed and the test fails."""
