@@ -170,6 +170,31 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         for line in done.missing:
             print(f"missing: {line}")
         return 0 if done.verified else 1
+    if args.action == "rerender":
+        import json
+
+        from replay.rerender import RerenderError, rerender_session
+
+        try:
+            index = None
+            if settings.bus == "kafka":
+                from replay.index import lookup
+
+                index = lookup(bus, settings, args.session)
+            remade = rerender_session(bus, settings, args.session, index, mode=args.mode)
+        except Exception as exc:  # exit 1 means "differs": anything that stopped it is 2
+            if not isinstance(exc, RerenderError):
+                log.debug("rerender failed", exc_info=True)
+                exc = RerenderError(f"failed: {type(exc).__name__}: {exc}")
+            print(f"avatar replay rerender: {exc}", file=sys.stderr)
+            if args.json:  # machines get the reason too, not just the exit code
+                Path(args.json).write_text(json.dumps(
+                    {"session": args.session, "identical": None, "error": str(exc)}) + "\n")
+            return 2
+        print(remade.text())
+        if args.json:
+            remade.write_json(args.json)
+        return 0 if remade.identical else 1
     return 2
 
 
@@ -192,6 +217,13 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from backbone.stack import up
 
+    # Flags become the env names of the settings, which the stage processes inherit.
+    for flag, env in (("autoscale", "AVATAR_AUTOSCALE"), ("slo_ms", "AVATAR_AUTOSCALE_SLO_MS"),
+                      ("min_replicas", "AVATAR_AUTOSCALE_MIN"),
+                      ("max_replicas", "AVATAR_AUTOSCALE_MAX")):
+        value = getattr(args, flag)
+        if value not in (None, False):
+            os.environ[env] = "1" if value is True else str(value)
     up(Path(args.run_dir), foreground=args.foreground)
     return 0
 
@@ -248,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_gateway)
 
     r = sub.add_parser("replay", help="auditor tools over a session's log")
-    r.add_argument("action", choices=["verify", "export", "erase", "key"],
+    r.add_argument("action", choices=["verify", "export", "rerender", "erase", "key"],
                    help="verify: check every integrity link and name tampered records; "
                         "export: MP4 as streamed + captions + manifest + HTML report; "
+                        "rerender: run animate and render again from the logged inputs and "
+                        "name every motion or video frame that differs; "
                         "erase: delete the session's data key (AVATAR_SEAL) and record it; "
                         "key: print the session's verification key (give it to an auditor)")
     r.add_argument("session")
@@ -259,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who asked for the erasure (recorded in the audit trail)")
     r.add_argument("--session-key", default="", help="hex key from `replay key` (default: "
                    "derived from AVATAR_INTEGRITY_KEY)")
+    r.add_argument("--json", default="", metavar="PATH",
+                   help="rerender: also write the comparison as JSON here")
+    r.add_argument("--mode", choices=["auto", "offline", "live"], default="auto",
+                   help="rerender: how animate ran (auto: live if the log has idle frames)")
     r.set_defaults(fn=_cmd_replay)
 
     ix = sub.add_parser("index", help="run the session index (faust table, Kafka only)")
@@ -267,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("up", help="broker, topics and every stage as its own process")
     u.add_argument("--run-dir", default="avatar-data/run")
     u.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops")
+    u.add_argument("--autoscale", action="store_true",
+                   help="add/remove stage processes on p95 latency (AVATAR_AUTOSCALE_*)")
+    u.add_argument("--slo-ms", type=float, default=None, help="p95 latency SLO (default 200)")
+    u.add_argument("--min-replicas", type=int, default=None, help="per stage (default 1)")
+    u.add_argument("--max-replicas", type=int, default=None, help="per stage (default 4)")
     u.set_defaults(fn=_cmd_up)
 
     dn = sub.add_parser("down", help="stop what `avatar up` started")

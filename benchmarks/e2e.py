@@ -415,7 +415,7 @@ def _exact(settings: Any, sid: str, fps: int, arr: Arrivals,
     starts = [int(loud[0])] + [int(b) for a, b in zip(loud[:-1], loud[1:]) if b - a > 50] \
         if len(loud) else []
     for k0 in starts:  # each utterance: 3 s of media from its onset
-        grid = np.arange(k0, min(len(media_env), k0 + 300)) / 100.0
+        grid = np.arange(k0, min(len(media_env), k0 + 300)) * hop / sr  # hop is not 10 ms at 22.05 kHz
         local = [(t - pts / fps) for pts, t in shown.items() if grid[0] <= pts / fps <= grid[-1]]
         if len(grid) < 50 or len(local) < 10 or len(ta) < 10:
             continue

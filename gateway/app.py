@@ -684,6 +684,19 @@ async def _pump(websocket: WebSocket, sub: Any) -> None:
         return
 
 
+def _text_of(cmd: dict[str, Any]) -> str | None:
+    """A command's text if it is speakable: a non-blank string that is valid Unicode (JSON
+    allows lone surrogates, which no record can carry)."""
+    text = cmd.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text[:MAX_TEXT_CHARS]
+
+
 async def _receive(websocket: WebSocket, gw: Gateway, s: _Session, claims: Claims) -> None:
     rate = 16000
     target = "audio.in"
@@ -710,17 +723,17 @@ async def _receive(websocket: WebSocket, gw: Gateway, s: _Session, claims: Claim
             parsed = json.loads(text) if len(text) <= MAX_WS_TEXT else None
             if isinstance(parsed, dict):
                 cmd = parsed
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # bad JSON, 5000-digit numbers, deep nesting
             pass
         kind = cmd.get("type")
-        if kind == "speak" and isinstance(cmd.get("text"), str) and cmd["text"].strip():
-            gw.produce("reply", s.session_id, ReplyText(s.session_id, f"g{s.utterances}",
-                                                        cmd["text"][:MAX_TEXT_CHARS]))
+        said = _text_of(cmd)
+        if kind == "speak" and said:
+            gw.produce("reply", s.session_id, ReplyText(s.session_id, f"g{s.utterances}", said))
             s.utterances += 1
-        elif kind == "message" and isinstance(cmd.get("text"), str) and cmd["text"].strip():
+        elif kind == "message" and said:
             t = now_ms()
             gw.produce("transcript", s.session_id, Transcript(
-                s.session_id, cmd["text"][:MAX_TEXT_CHARS], True, t, t, 1.0, "text"))
+                s.session_id, said, True, t, t, 1.0, "text"))
         elif kind == "interrupt":
             gw.produce("session.control", s.session_id, SessionControl(s.session_id, "INTERRUPT"))
         elif kind == "emotion" and cmd.get("emotion") in EMOTIONS:

@@ -14,6 +14,8 @@ from backbone.demo import read_wav
 MAX_UPLOAD_BYTES = 10_000_000  # ~100 s of 48 kHz PCM; longer audio streams over the WebSocket
 MAX_DECODED_S = 120.0  # what a 10 MB Opus file could claim to hold is bounded here
 RATE_RANGE = (8000, 48000)
+# Compressed upload types -> the one FFmpeg demuxer each may use.
+CONTAINERS = {"audio/ogg": "ogg", "audio/opus": "ogg", "audio/webm": "matroska"}
 
 
 class UploadError(ValueError):
@@ -39,10 +41,14 @@ def decode_upload(body: bytes, content_type: str) -> tuple[bytes, int]:
         raise UploadError(400, "empty upload")
     kind, params = _params(content_type or "")
     if kind in ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"):
+        _check_wav_sizes(body)
         try:
             pcm, sr = read_wav(body, "the WAV upload")
         except ValueError as exc:
             raise UploadError(400, str(exc)) from exc
+        except Exception as exc:  # the stdlib wave module raises more than wave.Error
+            raise UploadError(400, "the WAV upload is not a PCM WAV file "
+                                   f"({type(exc).__name__})") from None
     elif kind in ("audio/l16", "audio/pcm"):
         try:
             sr = int(params.get("rate", "16000"))
@@ -58,8 +64,8 @@ def decode_upload(body: bytes, content_type: str) -> tuple[bytes, int]:
         dtype = ">i2" if kind == "audio/l16" else "<i2"
         x = np.frombuffer(body, dtype).astype(np.int32).reshape(-1, channels).mean(axis=1)
         pcm = x.astype("<i2").tobytes()
-    elif kind in ("audio/ogg", "audio/opus", "audio/webm"):
-        pcm, sr = _decode_compressed(body)
+    elif kind in CONTAINERS:
+        pcm, sr = _decode_compressed(body, CONTAINERS[kind])
     else:
         raise UploadError(415, f"unsupported content type {kind!r}: send audio/wav, "
                                "audio/pcm;rate=N, audio/L16;rate=N or audio/ogg (Opus)")
@@ -70,13 +76,32 @@ def decode_upload(body: bytes, content_type: str) -> tuple[bytes, int]:
     return pcm, sr
 
 
-def _decode_compressed(body: bytes) -> tuple[bytes, int]:
+def _check_wav_sizes(body: bytes) -> None:
+    """Every RIFF chunk must fit in the upload: a header claiming gigabytes that never came
+    is a lie (or a truncated file), refused before anything trusts it."""
+    if body[:4] != b"RIFF" or body[8:12] != b"WAVE":
+        return  # read_wav says what is wrong
+    pos = 12
+    while pos + 8 <= len(body):
+        chunk, size = body[pos:pos + 4], int.from_bytes(body[pos + 4:pos + 8], "little")
+        if pos + 8 + size > len(body):
+            name = chunk.decode("latin-1").strip() or "?"
+            raise UploadError(400, f"the WAV upload is not a PCM WAV file: its {name!r} chunk "
+                                   f"claims {size} bytes but only {len(body) - pos - 8} follow")
+        if chunk == b"data":
+            return
+        pos += 8 + size + (size & 1)  # chunks are padded to an even length
+
+
+def _decode_compressed(body: bytes, container_format: str) -> tuple[bytes, int]:
     import av
 
     out: list[np.ndarray] = []
     total = 0
     try:
-        with av.open(io.BytesIO(body), mode="r") as container:
+        # The demuxer is named, never probed: probing would let any of FFmpeg's formats in
+        # (playlists that open other URLs, video containers) under an audio content type.
+        with av.open(io.BytesIO(body), mode="r", format=container_format) as container:
             streams = container.streams.audio
             if not streams:
                 raise UploadError(400, "the upload holds no audio stream")
