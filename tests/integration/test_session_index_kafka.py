@@ -51,9 +51,12 @@ def test_the_index_locates_a_sessions_records_and_survives_a_restart(kafka_boots
     tts = StageProcess("tts", settings, tmp_path, "0", {"AVATAR_LIVE": "0"})
     try:
         send_session(settings, "indexed", "Find me fast.", SessionConfig())
-        entry = _wait(lambda: (e := lookup(bus, settings, "indexed")) and "speech.audio" in
-                      e.get("topics", {}) and e, "the index entry")
-        audio = read_session(bus, settings, "indexed", "speech.audio")
+        # The utterance's audio, all of it logged; then the index, caught up with it.
+        audio = _wait(lambda: (a := read_session(bus, settings, "indexed", "speech.audio"))
+                      and a[-1].value.is_last and a, "the utterance's last audio chunk")
+        entry = _wait(lambda: (e := lookup(bus, settings, "indexed"))
+                      and e.get("topics", {}).get("speech.audio", {}).get("last")
+                      == audio[-1].message.offset and e, "the index entry")
         span = entry["topics"]["speech.audio"]
         assert span["first"] == audio[0].message.offset
         assert span["last"] == audio[-1].message.offset

@@ -60,7 +60,7 @@ def _session(base):
     return tok, info
 
 
-async def _watch(base, sid, token, seconds=3.0, until=None):
+async def _watch(base, sid, token, seconds=3.0, until=None, answered=None):
     pc = RTCPeerConnection()
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -89,6 +89,8 @@ async def _watch(base, sid, token, seconds=3.0, until=None):
         location = r.headers["location"]
         assert "H264" in r.text  # the logged stream's codec was negotiated
         await pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
+        if answered is not None:
+            answered()
         await asyncio.sleep(seconds)
         deadline = time.monotonic() + 20
         while until is not None and until() and time.monotonic() < deadline:
@@ -107,9 +109,10 @@ def test_a_whep_viewer_receives_the_logged_video_and_the_speech(served):
     tok, info = _session(base)
     sid = info["session_id"]
     feeder = threading.Thread(target=feed_session, args=(gw.bus, settings, sid))
-    feeder.start()
+    # Fed once the viewer is subscribed: a viewer's video starts at a keyframe (one a second),
+    # and one that joins a stream already flowing rightly skips to the next.
     video, audio = asyncio.run(_watch(base, sid, info["viewer_token"], 2.0,
-                                      until=feeder.is_alive))
+                                      until=feeder.is_alive, answered=feeder.start))
     feeder.join()
     assert len(video) >= 25, len(video)  # a second's worth at least decoded at the viewer
     assert (video[-1].width, video[-1].height) == (256, 256)
