@@ -53,6 +53,7 @@ class AvatarClient:
         self.api_key = api_key
         self._token = token
         self._expires = float("inf") if token else 0.0
+        self.timeout_s = timeout_s
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
 
     # ---- tokens --------------------------------------------------------------------
@@ -189,7 +190,7 @@ class AvatarClient:
                                                     else audio)))
 
         await pc.setLocalDescription(await pc.createOffer())
-        async with httpx.AsyncClient(base_url=self.base_url) as http:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as http:
             r = await http.post(f"/whep/{session_id}", content=pc.localDescription.sdp,
                                 headers={"Authorization": f"Bearer {tok}",
                                          "Content-Type": "application/sdp"})
@@ -200,7 +201,7 @@ class AvatarClient:
         await pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
 
         async def stop() -> None:
-            async with httpx.AsyncClient(base_url=self.base_url) as http:
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s) as http:
                 await http.delete(resource, headers={"Authorization": f"Bearer {tok}"})
             for p in pumps:
                 p.cancel()
