@@ -17,6 +17,8 @@ class TopicSpec:
     retention_ms: int
     doc: str
     compacted: bool = False
+    # Payloads are encrypted with the session's data key when sealing is on (AVATAR_SEAL).
+    sealed: bool = True
 
 
 TOPICS: Final[dict[str, TopicSpec]] = {t.name: t for t in (
@@ -33,8 +35,10 @@ TOPICS: Final[dict[str, TopicSpec]] = {t.name: t for t in (
     TopicSpec("video", "video_chunk", 30 * DAY_MS, "encoded video access units as streamed"),
     TopicSpec("deadletter", "dead_letter", 30 * DAY_MS,
               "records a stage could not use, with reason and original bytes"),
+    # Never sealed: the chain heads must stay readable after a session's key is erased.
     TopicSpec("audit", "integrity_checkpoint", 365 * DAY_MS,
-              "each producer's integrity chain heads per session, for replay verify"),
+              "each producer's integrity chain heads per session, for replay verify",
+              sealed=False),
 )}
 
 

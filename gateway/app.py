@@ -30,6 +30,7 @@ from backbone.records import (EMOTIONS, AudioChunk, ChainHead, IntegrityCheckpoi
                               PhonemeSpans, RecordValue, ReplyText, SessionConfig, SessionControl,
                               SpeechChunk, Transcript, VideoChunk)
 from backbone.settings import Settings
+from backbone.topics import TOPICS
 from backbone.tracing import RecordHeaders, new_traceparent, now_ms
 from gateway.auth import SCOPES, Auth, AuthError, Claims
 from gateway.hub import Delivered, SessionHub
@@ -208,7 +209,7 @@ class Gateway:
                                 event_time_ms or now_ms(), "gateway", VERSION,
                                 value.SCHEMA).encode()
         payload = self.codec.encode(value, physical)
-        if self._seal and topic != "audit":
+        if self._seal and TOPICS[topic].sealed:
             payload = sealing.seal(self.keys.key(session_id, create=True) or b"", session_id,
                                    topic, payload)
         # Chained like every stage's output; after a gateway restart a chain starts again

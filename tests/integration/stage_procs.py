@@ -153,3 +153,18 @@ def finished_video(bus: KafkaBus, settings: Settings, session_id: str,
             break
         time.sleep(0.5)
     return video
+
+
+def text_pipeline(bootstrap: str, unique_name: str, tmp_path: Path,
+                  live: bool = False) -> tuple[Settings, list[StageProcess]]:
+    """Topics of its own on the broker, and tts, animate and render as processes on them
+    (offline: an utterance is spoken in one go; live: paced, with idle frames)."""
+    from backbone.runtime import provision_topics
+    from backbone.stages import PIPELINE
+
+    settings = Settings(bus="kafka", bootstrap=bootstrap, topic_prefix=f"{unique_name}.",
+                        partitions=2)
+    provision_topics(settings, PIPELINE)
+    procs = [StageProcess(n, settings, tmp_path, "0", {"AVATAR_LIVE": "1" if live else "0"})
+             for n in ("tts", "animate", "render")]
+    return settings, procs

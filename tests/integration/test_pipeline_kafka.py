@@ -8,24 +8,17 @@ import pytest
 from backbone.demo import send_session
 from backbone.kafka_bus import KafkaBus
 from backbone.records import SessionConfig
-from backbone.runtime import provision_topics
-from backbone.settings import Settings
-from backbone.stages import PIPELINE
 from backbone.tracing import H_EVENT_TIME, H_MODEL, H_SEQ, H_STAGE, H_TRACEPARENT, trace_id
 from replay.reader import read_session, session_audio
-from tests.integration.stage_procs import StageProcess, finished_video
+from tests.integration.stage_procs import finished_video, text_pipeline
 
 pytestmark = pytest.mark.kafka
 
 
 def test_text_becomes_video_through_three_stage_processes(kafka_bootstrap, unique_name,
                                                           tmp_path):
-    settings = Settings(bus="kafka", bootstrap=kafka_bootstrap,
-                        topic_prefix=f"{unique_name}.", partitions=2)
-    provision_topics(settings, PIPELINE)
     # Offline mode: the utterance is spoken in one go and ends the video (no idle frames).
-    procs = [StageProcess(n, settings, tmp_path, "0", {"AVATAR_LIVE": "0"})
-             for n in ("tts", "animate", "render")]
+    settings, procs = text_pipeline(kafka_bootstrap, unique_name, tmp_path)
     try:
         send_session(settings, "kafka-demo", "Hello from three processes on a real broker.",
                      SessionConfig(fps=25, resolution=256))

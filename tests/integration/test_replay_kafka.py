@@ -10,23 +10,16 @@ from backbone import integrity
 from backbone.demo import send_session
 from backbone.kafka_bus import KafkaBus
 from backbone.records import SessionConfig
-from backbone.runtime import provision_topics
-from backbone.settings import Settings
-from backbone.stages import PIPELINE
 from replay.export import export_session
 from replay.verify import verify_session
-from tests.integration.stage_procs import StageProcess, finished_video
+from tests.integration.stage_procs import finished_video, text_pipeline
 
 pytestmark = pytest.mark.kafka
 
 
 def test_a_kafka_session_verifies_exports_and_shows_tampering(kafka_bootstrap, unique_name,
                                                               tmp_path):
-    settings = Settings(bus="kafka", bootstrap=kafka_bootstrap,
-                        topic_prefix=f"{unique_name}.", partitions=2)
-    provision_topics(settings, PIPELINE)
-    procs = [StageProcess(n, settings, tmp_path, "0", {"AVATAR_LIVE": "0"})
-             for n in ("tts", "animate", "render")]
+    settings, procs = text_pipeline(kafka_bootstrap, unique_name, tmp_path)
     bus = KafkaBus(kafka_bootstrap)
     sid = "kafka-audit"
     try:

@@ -17,18 +17,14 @@ from backbone.records import SessionConfig
 from backbone.runtime import provision_topics
 from backbone.settings import Settings
 from backbone.stages import PIPELINE
-from tests.integration.stage_procs import ROOT, StageProcess, finished_video
+from tests.integration.stage_procs import ROOT, finished_video, text_pipeline
 
 pytestmark = pytest.mark.kafka
 
 
 def test_a_kafka_session_made_by_stage_processes_re_renders_bit_exact(kafka_bootstrap,
                                                                       unique_name, tmp_path):
-    settings = Settings(bus="kafka", bootstrap=kafka_bootstrap,
-                        topic_prefix=f"{unique_name}.", partitions=2)
-    provision_topics(settings, PIPELINE)
-    procs = [StageProcess(n, settings, tmp_path, "0", {"AVATAR_LIVE": "0"})
-             for n in ("tts", "animate", "render")]
+    settings, procs = text_pipeline(kafka_bootstrap, unique_name, tmp_path)
     bus = KafkaBus(kafka_bootstrap)
     sid = "kafka-rerender"
     try:
@@ -74,11 +70,7 @@ def test_a_live_kafka_session_re_renders_with_its_clock_replayed(kafka_bootstrap
     from replay.reader import read_session
     from replay.rerender import rerender_session
 
-    settings = Settings(bus="kafka", bootstrap=kafka_bootstrap,
-                        topic_prefix=f"{unique_name}.", partitions=2)
-    provision_topics(settings, PIPELINE)
-    procs = [StageProcess(n, settings, tmp_path, "0", {"AVATAR_LIVE": "1"})
-             for n in ("tts", "animate", "render")]
+    settings, procs = text_pipeline(kafka_bootstrap, unique_name, tmp_path, live=True)
     bus = KafkaBus(kafka_bootstrap)
     sid = "kafka-live-rerender"
     try:
