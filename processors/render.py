@@ -23,6 +23,7 @@ from backbone.records import MotionFrames, SessionControl, VideoChunk
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
+from processors.render_kernels import compile_now, mouth_interior, pad_source, warp_i420
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -82,6 +83,7 @@ class FaceRenderer:
             pack = default_pack(self._size)
         self._pack = pack
         self._prepare(pack)
+        compile_now()
         self._ready = True
 
     # -----------------------------------------------------------------------------------------
@@ -216,6 +218,12 @@ class FaceRenderer:
         self._bg_i420 = bg.add_(0.5).clamp_(0, 255).to(torch.uint8).numpy().reshape(
             s * 3 // 2, s)
         self._bg_i420.flags.writeable = False
+        # The warp kernel's sources (padded for its border taps) and its positions' units.
+        self._skin_y_pad = pad_source(self._skin_y[0, 0].numpy())
+        self._skin_u_pad = pad_source(self._skin_uv[0, 0].numpy())
+        self._skin_v_pad = pad_source(self._skin_uv[0, 1].numpy())
+        self._px_scale = s / 2.0
+        self._px_offset = self._id_coarse_ch * (s / 2.0) + (s - 1) / 2.0
         self._tex_rows_per_px = mouth.px_size / s
         motion = torch.from_numpy(np.ascontiguousarray(mouth.lip_motion))  # (K, 22, 2)
         self._lip_motion = motion[self._bs_rows].reshape(len(self._bs_rows), -1).contiguous()
@@ -254,7 +262,7 @@ class FaceRenderer:
         """
         w, h = self._checked(weights, head)
         out = np.empty((w.shape[0], self._size, self._size, 3), dtype=np.uint8)
-        self._in_chunks(w, h, out, self._shade_rgb)
+        self._in_chunks(w, h, out, self._shade_rgb, full=True)
         return out
 
     def render_i420(self, weights: NDArray[np.floating], head: NDArray[np.floating]) -> NDArray[
@@ -303,17 +311,19 @@ class FaceRenderer:
         return w, h
 
     def _in_chunks(self, w: NDArray[np.float32], h: NDArray[np.float32],
-                   out: NDArray[np.uint8], shade: Any) -> None:
+                   out: NDArray[np.uint8], shade: Any, full: bool = False) -> None:
         chunk = 8  # bounds memory; batching beyond this buys nothing on CPU
         with torch.inference_mode():
             for start in range(0, w.shape[0], chunk):
                 stop = min(start + chunk, w.shape[0])
                 geo = self._geometry(torch.from_numpy(w[start:stop]),
-                                     torch.from_numpy(h[start:stop]))
+                                     torch.from_numpy(h[start:stop]), full)
                 shade(geo, out[start:stop])
 
-    def _geometry(self, w: Tensor, head: Tensor) -> _Geometry:
-        """Where every output pixel samples the portrait, the lips' cut and the eye layer."""
+    def _geometry(self, w: Tensor, head: Tensor, full: bool = False) -> _Geometry:
+        """Where output pixels sample the portrait: the coarse grid everywhere and, at full
+        resolution, where layers are drawn (everywhere with ``full``); the lips' cut and
+        the eye layer."""
         n = w.shape[0]
         res, st, s = self._res, self._step, self._size
         coeff = w[:, self._bs_index]
@@ -334,9 +344,13 @@ class FaceRenderer:
         # reproduces the identity exactly).
         roi_cells = self._moving_cells(total)
         roi = (roi_cells[0] * st, roi_cells[1] * st, roi_cells[2] * st, roi_cells[3] * st)
-        grid = _upsample_block(self._id_coarse_ch + total, roi_cells, st)
+        y0, y1, x0, x1 = roi
+        coarse = self._id_coarse_ch + total
+        # The full-resolution grid only where something is drawn over the plain warp (the
+        # lips' cut, the eyes' layer, the mouth interior): the rest of the ROI is warped
+        # from the coarse grid directly (processors/render_kernels.py). Filled below.
+        grid = torch.empty(n, 2, y1 - y0, x1 - x0)
         head_pos = self._id_coarse_ch + hd
-        y0, _, x0, _ = roi
         # The cut between the lips: each lip where its own field puts it (so the cut matches
         # the warped lips exactly), the corners as designed (carried along by the head):
         # the smooth fields round a corner off, the design keeps it sharp.
@@ -357,7 +371,12 @@ class FaceRenderer:
         eye_box = (self._eye_cells[0] * st - y0, self._eye_cells[1] * st - y0,
                    self._eye_cells[2] * st - x0, self._eye_cells[3] * st - x0)
         ey0, ey1, ex0, ex1 = eye_box
-        eye_grid = _upsample_block(head_pos, self._eye_cells, st).permute(0, 2, 3, 1)
+        eye_buf = torch.empty(n, 2, ey1 - ey0, ex1 - ex0)
+        eye_grid = eye_buf.permute(0, 2, 3, 1)
+        if full:
+            self._fill(eye_buf, head_pos, (ey0 + y0, ex0 + x0), (0, ey1 - ey0, 0, ex1 - ex0))
+        offsets: list[tuple[tuple[int, int, int, int], Tensor, Tensor]] = []
+        lid_reach = 0.0  # how far a moving lid pulls the skin off the head's flow
         for region in self._regions:
             if region is not mouth and not bool((coeff[:, region.active] > 0).any()):
                 # Only fields that split this region can open a gap in it.
@@ -371,7 +390,8 @@ class FaceRenderer:
             delta = alt - bs_at[:, :, a0:a1 + 2, b0:b1 + 2]
             # Only where the two sides differ visibly this frame (the box is sized for the
             # widest jaw drop, most frames need a fraction of it).
-            differs = (delta.abs().amax(dim=(0, 1)) * (s / 2) > 0.02)[1:-1, 1:-1]
+            apart = delta.abs().amax(dim=(0, 1))
+            differs = (apart * (s / 2) > 0.02)[1:-1, 1:-1]
             rows = torch.nonzero(differs.any(dim=1)).flatten()
             cols = torch.nonzero(differs.any(dim=0)).flatten()
             if region is not mouth and len(rows) == 0:
@@ -403,23 +423,80 @@ class FaceRenderer:
                 mask = self._below_upper_lip(lips, by0 + y0, by1 + y0, bx0 + x0, bx1 + x0)
             else:
                 ch = self._eye_regions.index(region)
+                self._fill(eye_buf, head_pos, (ey0 + y0, ex0 + x0),
+                           (by0 - ey0, by1 - ey0, bx0 - ex0, bx1 - ex0))
                 mask = F.grid_sample(
                     self._eye_masks[:, ch:ch + 1].expand(n, -1, -1, -1),
                     eye_grid[:, by0 - ey0:by1 - ey0, bx0 - ex0:bx1 - ex0], mode="bilinear",
                     padding_mode="border", align_corners=False)
-            grid[:, :, by0:by1, bx0:bx1].addcmul_(mask, delta_full)
+            offsets.append(((by0, by1, bx0, bx1), mask, delta_full))
+            if region is not mouth:
+                lid_reach = max(lid_reach, float(apart.max()))
             region.last_box = (by0, by1, bx0, bx1)
             region.last_mask = mask
+        # How far the skin around the eyes moves this frame (px, the head's flow and the
+        # lids' offsets at most); so where each eye may show its eyeball (eye-box
+        # coordinates): no further than that from where it shows at rest.
+        a0, a1, b0, b1 = self._eye_cells
+        eye_reach = int(math.ceil((float(
+            total[:, :, a0 + 1:a1 + 1, b0 + 1:b1 + 1].abs().amax()) + lid_reach) * s / 2))
+        eye_search = self._eye_search(eye_reach, ey1 - ey0)
+        # Where the full-resolution grid is needed: the regions' offsets, the lips with the
+        # mouth interior between them, the eyes' openings.
+        if full:
+            patches = [(0, y1 - y0, 0, x1 - x0)]
+        else:
+            m = 4 * s // 512 + 2
+            lip_box = (int(lips[..., 1].min()) - m - y0, int(lips[..., 1].max()) + m + 1 - y0,
+                       int(lips[..., 0].min()) - m - x0, int(lips[..., 0].max()) + m + 1 - x0)
+            boxes = [box for box, _, _ in offsets] + [lip_box] + [
+                (ey0 + b[0], ey0 + b[1], ex0 + b[2], ex0 + b[3]) for b in eye_search if b]
+            patches = _merged([_aligned(b, st, y1 - y0, x1 - x0) for b in boxes])
+        for patch in patches:
+            self._fill(grid, coarse, (y0, x0), patch)
+        for b in eye_search:
+            if b and not full:
+                self._fill(eye_buf, head_pos, (ey0 + y0, ex0 + x0), b)
+        for (by0, by1, bx0, bx1), mask, delta_full in offsets:
+            grid[:, :, by0:by1, bx0:bx1].addcmul_(mask, delta_full)
         # grid_sample reads the (n, H, W, 2) view as it is: no copy into that layout.
         grid_hw = grid.permute(0, 2, 3, 1)
         self._clamp_to_lips(grid_hw, mouth, lips, roi)
-        # How far the skin around the eyes moves this frame (px), unless a lid moves too.
-        lids = any(r.last_box != (0, 0, 0, 0) for r in self._eye_regions)
-        a0, a1, b0, b1 = self._eye_cells
-        eye_reach = None if lids else int(math.ceil(
-            float(total[:, :, a0 + 1:a1 + 1, b0 + 1:b1 + 1].abs().amax()) * s / 2))
-        return _Geometry(n, roi, grid_hw, eye_box, eye_grid, eye_reach, lips,
-                         w[:, self._tongue_col].tolist())
+        # The kernel's positions are in portrait pixels: g * s/2 + (s-1)/2 (so bilinear
+        # upsampling commutes with the change of units).
+        coarse_px = torch.add(self._px_offset, total, alpha=self._px_scale)
+        return _Geometry(n, roi, grid_hw, patches, coarse_px, eye_box, eye_grid, eye_search,
+                         lips, w[:, self._tongue_col].tolist())
+
+    def _fill(self, buf: Tensor, coarse: Tensor, origin: tuple[int, int],
+              box: tuple[int, int, int, int]) -> None:
+        """Upsample the coarse cells covering ``box`` of ``buf`` (whose top-left pixel is
+        output pixel ``origin``, on a cell corner) into ``buf``."""
+        st = self._step
+        oy, ox = origin
+        h, w = buf.shape[2:]
+        b0, b1 = max(box[0], 0) // st, min(-(-box[1] // st), h // st)
+        c0, c1 = max(box[2], 0) // st, min(-(-box[3] // st), w // st)
+        if b1 <= b0 or c1 <= c0:
+            return
+        cells = (oy // st + b0, oy // st + b1, ox // st + c0, ox // st + c1)
+        buf[:, :, b0 * st:b1 * st, c0 * st:c1 * st] = _upsample_block(coarse, cells, st)
+
+    def _eye_search(self, eye_reach: int, box_h: int) -> list[
+            tuple[int, int, int, int] | None]:
+        """Per half of the eye box, where its eyeball may show this frame (eye-box
+        coordinates, even top-left): around the resting hole by this frame's reach; None
+        when it never shows."""
+        out: list[tuple[int, int, int, int] | None] = []
+        m = eye_reach + 2
+        for (h0, h1), rest in zip(self._eye_halves, self._eye_holes):
+            if rest is None:
+                out.append(None)
+                continue
+            s0, s1 = max(rest[0] - m, 0) & ~1, min(rest[1] + m + 1, box_h)
+            t0, t1 = max(rest[2] - m, 0) & ~1, min(rest[3] + m + 1, h1 - h0)
+            out.append((s0, s1, h0 + t0, h0 + t1))
+        return out
 
     def _moving_cells(self, total: Tensor) -> tuple[int, int, int, int]:
         """This frame's ROI in coarse cells: the mouth and eye boxes, and every cell whose
@@ -454,43 +531,42 @@ class FaceRenderer:
             rgb.add_(0.5).clamp_(0, 255).permute(0, 2, 3, 1))
 
     def _shade_i420(self, geo: _Geometry, out: NDArray[np.uint8]) -> None:
-        n, grid_hw = geo.n, geo.grid
-        y = F.grid_sample(self._skin_y.expand(n, -1, -1, -1), grid_hw, mode="bilinear",
-                          padding_mode="border", align_corners=False)
-        # Chroma: one sample per 2x2 block, at the block's top-left pixel's position in a
-        # portrait whose chroma was box-averaged towards the bottom right: exact where the
-        # warp is a translation, off by a fraction of a pixel where it stretches.
-        # (A contiguous copy of the strided chroma grid pays for itself twice over.)
-        uv = F.grid_sample(self._skin_uv.expand(n, -1, -1, -1),
-                           grid_hw[:, ::2, ::2].contiguous(), mode="bilinear",
-                           padding_mode="border", align_corners=False)
+        n, grid_hw, s = geo.n, geo.grid, self._size
+        ry0, ry1, rx0, rx1 = geo.roi
+        out[:] = self._bg_i420
+        # The warp over the ROI in one pass, straight into the frames: positions from the
+        # coarse grid, or from the full one in the patches (lips, eyes).
+        patches = np.array(geo.patches, dtype=np.int32).reshape(-1, 4)
+        warp_i420(geo.coarse_px.numpy(), self._step, ry0, ry1, rx0, rx1, patches,
+                  grid_hw.permute(0, 3, 1, 2).numpy(), self._skin_y_pad, self._skin_u_pad,
+                  self._skin_v_pad, out.reshape(n, -1))
+        planes = torch.from_numpy(out).view(n, -1)
+        q = s * s // 4
+        luma = planes[:, :s * s].view(n, s, s)[:, ry0:ry1, rx0:rx1]
+        cb = planes[:, s * s:s * s + q].view(n, s // 2, s // 2)[
+            :, ry0 // 2:ry1 // 2, rx0 // 2:rx1 // 2]
+        cr = planes[:, s * s + q:].view(n, s // 2, s // 2)[
+            :, ry0 // 2:ry1 // 2, rx0 // 2:rx1 // 2]
+        # The layers go over the warped (rounded) skin: rounding twice costs half a level.
         for (y0, y1, x0, x1), alpha, back in self._eye_openings(geo, self._eye_back_yuv):
-            y[:, :, y0:y1, x0:x1] += (1 - alpha) * back[:, :1]
+            _blend_into(luma[:, y0:y1, x0:x1], 1.0, (1 - alpha[:, 0]) * back[:, 0])
             alpha_c = F.grid_sample(self._alpha_box.expand(n, -1, -1, -1),
                                     grid_hw[:, y0:y1:2, x0:x1:2], mode="bilinear",
-                                    padding_mode="border", align_corners=False)
-            uv[:, :, y0 // 2:y1 // 2, x0 // 2:x1 // 2] += (1 - alpha_c) * back[:, 1:, ::2, ::2]
+                                    padding_mode="border", align_corners=False)[:, 0]
+            cy, cx = np.s_[y0 // 2:y1 // 2], np.s_[x0 // 2:x1 // 2]
+            _blend_into(cb[:, cy, cx], 1.0, (1 - alpha_c) * back[:, 1, ::2, ::2])
+            _blend_into(cr[:, cy, cx], 1.0, (1 - alpha_c) * back[:, 2, ::2, ::2])
         for i in range(n):
             found = self._mouth_interior(geo.lips[i], geo.roi, self._interior_yuv,
                                          even=True, tongue=geo.tongue[i])
             if found is not None:
                 (ly0, ly1, lx0, lx1), c, inner = found
-                y[i, :, ly0:ly1, lx0:lx1].mul_(1 - c).add_(inner[:1] * c)
+                _blend_into(luma[i, ly0:ly1, lx0:lx1], 1 - c[0], inner[0] * c[0])
                 c2 = F.avg_pool2d(c[None], 2)[0]
                 inner2 = F.avg_pool2d((inner[1:] * c)[None], 2)[0]
-                uv[i, :, ly0 // 2:ly1 // 2, lx0 // 2:lx1 // 2].mul_(1 - c2).add_(inner2)
-        s = self._size
-        ry0, ry1, rx0, rx1 = geo.roi
-        out[:] = self._bg_i420
-        planes = torch.from_numpy(out).view(n, -1)
-        q = s * s // 4
-        luma = planes[:, :s * s].view(n, s, s)
-        cb = planes[:, s * s:s * s + q].view(n, s // 2, s // 2)
-        cr = planes[:, s * s + q:].view(n, s // 2, s // 2)
-        luma[:, ry0:ry1, rx0:rx1].copy_(y[:, 0].add_(0.5).clamp_(0, 255))
-        uv.add_(0.5).clamp_(0, 255)
-        cb[:, ry0 // 2:ry1 // 2, rx0 // 2:rx1 // 2].copy_(uv[:, 0])
-        cr[:, ry0 // 2:ry1 // 2, rx0 // 2:rx1 // 2].copy_(uv[:, 1])
+                cy, cx = np.s_[ly0 // 2:ly1 // 2], np.s_[lx0 // 2:lx1 // 2]
+                _blend_into(cb[i, cy, cx], 1 - c2[0], inner2[0])
+                _blend_into(cr[i, cy, cx], 1 - c2[0], inner2[1])
 
     def _eye_openings(self, geo: _Geometry, eye_back: Tensor) -> list[tuple[
             tuple[int, int, int, int], Tensor, Tensor]]:
@@ -499,15 +575,10 @@ class FaceRenderer:
         n = geo.n
         ey0, ey1, ex0, ex1 = geo.eye_box
         out = []
-        for (h0, h1), rest in zip(self._eye_halves, self._eye_holes):
-            # Where to look: around the resting hole by this frame's reach, or everywhere.
-            s0, s1, t0, t1 = 0, ey1 - ey0, 0, h1 - h0
-            if geo.eye_reach is not None:
-                if rest is None:
-                    continue
-                m = geo.eye_reach + 2
-                s0, s1 = max(rest[0] - m, 0) & ~1, min(rest[1] + m + 1, s1)
-                t0, t1 = max(rest[2] - m, 0) & ~1, min(rest[3] + m + 1, t1)
+        for (h0, _), search in zip(self._eye_halves, geo.eye_search):
+            if search is None:
+                continue
+            s0, s1, t0, t1 = search[0], search[1], search[2] - h0, search[3] - h0
             alpha = F.grid_sample(self._skin_alpha.expand(n, -1, -1, -1),
                                   geo.grid[:, ey0 + s0:ey0 + s1, ex0 + h0 + t0:ex0 + h0 + t1],
                                   mode="bilinear", padding_mode="border", align_corners=False)
@@ -648,33 +719,18 @@ class FaceRenderer:
         if ly1 <= ly0 or lx1 <= lx0:
             return None
         ry = np.arange(ly0 + y0, ly1 + y0, dtype=np.float64)[:, None]
-        t = ry - top[None, :]
-        s_ = bot[None, :] - ry
-        # Horizontal anti-aliasing at the corners comes from the lips converging there.
-        inside_x = np.clip(np.minimum(cx - x_left, x_right - cx), 0, 1)[None, :]
-        cover = np.clip(t + 0.5, 0, 1) * np.clip(s_ + 0.5, 0, 1) * inside_x
+        cover = np.empty((len(ry), len(cx)), np.float32)
+        colour = np.empty((3, len(ry), len(cx)), np.float32)
+        mouth_interior(cx, np.ascontiguousarray(ry[:, 0]), top, bot, float(x_left), float(x_right),
+                       self._tex_rows_per_px, colours.upper_np, colours.lower_np,
+                       colours.dark_np, colours.rim_np, cover, colour)
         if float(cover.max()) <= 0.0:
             return None
-        t = np.maximum(t, 0)
-        s_ = np.maximum(s_, 0)
-        u = np.clip((cx - x_left) / (x_right - x_left), 0, 1)
-        k = self._tex_rows_per_px
-        tex_u = _sample_texture(colours.upper, u, t * k)
-        tex_l = _sample_texture(colours.lower, u, s_ * k)
-        width = x_right - x_left
-        rim = np.exp(-np.minimum(t, s_) / max(0.05 * width, 1.0))
-        side = np.abs(2 * u - 1)[None, :] ** 2
-        glow = np.clip(rim * 0.8 + side * 0.5, 0, 1)
-        g = torch.from_numpy(glow.astype(np.float32))[None]
-        cav = colours.dark + (colours.rim - colours.dark) * g
-        a_l = tex_l[3:4] / 255.0
-        inner = cav * (1 - a_l) + tex_l[:3]
-        a_u = tex_u[3:4] / 255.0
-        inner = inner * (1 - a_u) + tex_u[:3]
+        inner = torch.from_numpy(colour)
         if tongue > 0.01:
             inner = self._tongue_tip(inner, cx, ry, top, bot, x_left, x_right, tongue,
                                      colours.tongue, colours is self._interior_yuv)
-        c = torch.from_numpy(cover.astype(np.float32))[None]
+        c = torch.from_numpy(cover)[None]
         return (ly0, ly1, lx0, lx1), c, inner
 
     def _tongue_tip(self, inner: Tensor, cx: NDArray[np.float64], ry: NDArray[np.float64],
@@ -708,20 +764,25 @@ class FaceRenderer:
 
 
 class _Geometry:
-    """One chunk's ROI and sampling grid over it (n, H, W, 2), the eye layer's grid and
-    the lip contours."""
+    """One chunk's ROI, the coarse grid, the sampling grid at full resolution where it is
+    needed (n, H, W, 2), the eye layer's grid and the lip contours."""
 
-    __slots__ = ("n", "roi", "grid", "eye_box", "eye_grid", "eye_reach", "lips", "tongue")
+    __slots__ = ("n", "roi", "grid", "patches", "coarse_px", "eye_box", "eye_grid",
+                 "eye_search", "lips", "tongue")
 
     def __init__(self, n: int, roi: tuple[int, int, int, int], grid: Tensor,
+                 patches: list[tuple[int, int, int, int]], coarse_px: Tensor,
                  eye_box: tuple[int, int, int, int], eye_grid: Tensor,
-                 eye_reach: int | None, lips: Tensor, tongue: list[float]) -> None:
+                 eye_search: list[tuple[int, int, int, int] | None], lips: Tensor,
+                 tongue: list[float]) -> None:
         self.n = n
         self.roi = roi  # (y0, y1, x0, x1) output px: what this chunk renders
-        self.grid = grid
+        self.grid = grid  # over the ROI, filled in the patches only
+        self.patches = patches  # disjoint boxes (ROI coordinates, even edges)
+        self.coarse_px = coarse_px  # (n, 2, P, P) source positions in portrait px
         self.eye_box = eye_box  # ROI coordinates
-        self.eye_grid = eye_grid  # (n, h, w, 2) head-only positions over the eye box
-        self.eye_reach = eye_reach  # px the eyes' skin moves; None: a lid moves, look all over
+        self.eye_grid = eye_grid  # (n, h, w, 2) head-only positions, filled where searched
+        self.eye_search = eye_search  # per half of the eye box: where the eyeball may show
         self.lips = lips
         self.tongue = tongue  # tongueOut per frame
 
@@ -730,14 +791,15 @@ class _Interior:
     """The mouth interior's textures (premultiplied, alpha 0..255) and cavity colours, in
     the colour space of one output (RGB, or YUV for I420)."""
 
-    __slots__ = ("upper", "lower", "dark", "rim", "tongue")
+    __slots__ = ("upper_np", "lower_np", "dark_np", "rim_np", "tongue")
 
     def __init__(self, upper: Tensor, lower: Tensor, dark: Tensor, rim: Tensor,
                  tongue: Tensor) -> None:
-        self.upper = upper
-        self.lower = lower
-        self.dark = dark
-        self.rim = rim
+        # As the compiled interior takes them: (4, T, U) and (3,) float32 arrays.
+        self.upper_np = np.ascontiguousarray(upper[0].numpy(), np.float32)
+        self.lower_np = np.ascontiguousarray(lower[0].numpy(), np.float32)
+        self.dark_np = np.ascontiguousarray(dark.reshape(3).numpy(), np.float32)
+        self.rim_np = np.ascontiguousarray(rim.reshape(3).numpy(), np.float32)
         self.tongue = tongue
 
 
@@ -783,6 +845,39 @@ class _Region:
         self.mask = mask
         self.last_box = (0, 0, 0, 0)
         self.last_mask = torch.zeros(0)
+
+
+def _blend_into(plane: Tensor, keep: Tensor | float, add: Tensor) -> None:
+    """plane = round(plane * keep + add), in place on a uint8 view."""
+    plane.copy_(plane.float().mul_(keep).add_(add).add_(0.5).clamp_(0, 255))
+
+
+def _aligned(box: tuple[int, int, int, int], step: int, h: int, w: int) -> tuple[
+        int, int, int, int]:
+    """A box grown to whole cells of ``step`` px and clipped to (h, w)."""
+    y0, y1, x0, x1 = box
+    return (max(y0 // step * step, 0), min(-(-y1 // step) * step, h),
+            max(x0 // step * step, 0), min(-(-x1 // step) * step, w))
+
+
+def _merged(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Boxes with any that overlap replaced by their bounding box, until none overlap."""
+    out = [b for b in boxes if b[1] > b[0] and b[3] > b[2]]
+    merging = True
+    while merging:
+        merging = False
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                a, b = out[i], out[j]
+                if a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]:
+                    out[i] = (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]),
+                              max(a[3], b[3]))
+                    del out[j]
+                    merging = True
+                    break
+            if merging:
+                break
+    return out
 
 
 def _contour_y(p: NDArray[np.float64], idx: tuple[int, ...],

@@ -1,0 +1,205 @@
+"""The render stage's per-pixel loops, compiled (processors/render.py calls them): the warp
+of the portrait's I420 planes, and the mouth interior's colours.
+
+The warp upsamples the coarse sampling grid and samples the portrait in one pass, straight
+into the output frame. Done with torch, the same work is four passes over the frame with a full-resolution grid
+in between (``F.interpolate``, ``grid_sample`` for luma and for chroma, rounding into uint8).
+Here each output pixel finds its source from the coarse grid, samples it and is written
+once; the full-resolution grid never exists. The arithmetic is that of those torch calls
+(bilinear, ``align_corners=False``, border padding), so the two differ by float rounding:
+one level of 255 on about one pixel in 100,000.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numpy.typing import NDArray
+
+
+def pad_source(plane: NDArray[np.float32]) -> NDArray[np.float32]:
+    """A source plane with its last row and column repeated once, so a bilinear tap at the
+    border reads a real value without a bounds check (the weight there is zero)."""
+    return np.ascontiguousarray(np.pad(plane, ((0, 1), (0, 1)), mode="edge"), np.float32)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: int, x1: int,
+              patches: NDArray[np.int32], grid: NDArray[np.float32],
+              skin_y: NDArray[np.float32], skin_u: NDArray[np.float32],
+              skin_v: NDArray[np.float32], frames: NDArray[np.uint8]) -> None:  # pragma: no cover
+    """Warp the box [y0, y1) x [x0, x1) of every frame (even y0 and x0).
+
+    coarse_px: (n, 2, P, P) source positions in portrait pixels (x, y) on the coarse grid,
+    one padding cell each side; output pixel (Y, X) takes them by bilinear upsampling by
+    ``step``, as ``F.interpolate(scale_factor=step, align_corners=False)`` does. Except in
+    ``patches`` (m, 4) boxes (a0, a1, b0, b1) relative to (y0, x0), where the positions are
+    ``grid`` (n, 2, y1 - y0, x1 - x0), normalised as for ``grid_sample``.
+    skin_y, skin_u, skin_v: (S + 1, S + 1) sources from :func:`pad_source`.
+    frames: (n, S * S * 3 // 2) I420 frames (Y, then U, then V), written in the box only;
+    chroma is sampled at each 2x2 block's top-left pixel.
+    """
+    n = coarse_px.shape[0]
+    sp = skin_y.shape[1]
+    s = sp - 1
+    sh = s >> 1
+    inv = np.float32(1.0) / np.float32(step)
+    half = np.float32(0.5)
+    zero = np.float32(0.0)
+    top = np.float32(s - 1)
+    white = np.float32(255.0)
+    width = x1 - x0
+    # Per output column: the coarse column to its left and the weight of the one after.
+    cols = np.empty(width, np.int32)
+    fracs = np.empty(width, np.float32)
+    for j in range(width):
+        src = (np.float32(x0 + j) + half) * inv + half
+        c = int(np.floor(src))
+        cols[j] = c
+        fracs[j] = src - np.float32(c)
+    c_lo = cols[0]
+    nc = cols[width - 1] + 2 - c_lo
+    for j in range(width):
+        cols[j] -= c_lo
+    row_x = np.empty(nc, np.float32)
+    row_y = np.empty(nc, np.float32)
+    ixs = np.empty(width, np.float32)
+    iys = np.empty(width, np.float32)
+    fy_ = skin_y.ravel()
+    fu = skin_u.ravel()
+    fv = skin_v.ravel()
+    scale = np.float32(s) * half
+    shift = np.float32(s - 1) * half
+    for f in range(n):
+        frame = frames[f]
+        u_plane = frames[f, s * s:]
+        v_plane = frames[f, s * s + sh * sh:]
+        for yy in range(y0, y1):
+            # This row's positions on the coarse columns, then at every output column.
+            src = (np.float32(yy) + half) * inv + half
+            r = int(np.floor(src))
+            fy = src - np.float32(r)
+            for c in range(nc):
+                a = coarse_px[f, 0, r, c + c_lo]
+                row_x[c] = a + fy * (coarse_px[f, 0, r + 1, c + c_lo] - a)
+                b = coarse_px[f, 1, r, c + c_lo]
+                row_y[c] = b + fy * (coarse_px[f, 1, r + 1, c + c_lo] - b)
+            for j in range(width):
+                k = cols[j]
+                fx = fracs[j]
+                ixs[j] = min(max(row_x[k] + fx * (row_x[k + 1] - row_x[k]), zero), top)
+                iys[j] = min(max(row_y[k] + fx * (row_y[k + 1] - row_y[k]), zero), top)
+            a = yy - y0
+            for p in range(patches.shape[0]):
+                if patches[p, 0] <= a < patches[p, 1]:
+                    for j in range(patches[p, 2], patches[p, 3]):
+                        ixs[j] = min(max(grid[f, 0, a, j] * scale + shift, zero), top)
+                        iys[j] = min(max(grid[f, 1, a, j] * scale + shift, zero), top)
+            base = yy * s + x0
+            for j in range(width):
+                ix = ixs[j]
+                iy = iys[j]
+                xi = np.int32(ix)
+                yi = np.int32(iy)
+                wx = ix - np.float32(xi)
+                wy = iy - np.float32(yi)
+                i = yi * sp + xi
+                a = fy_[i] + wx * (fy_[i + 1] - fy_[i])
+                b = fy_[i + sp] + wx * (fy_[i + sp + 1] - fy_[i + sp])
+                frame[base + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
+            if (yy & 1) == 0:
+                cbase = (yy >> 1) * sh + (x0 >> 1)
+                for j in range(width >> 1):
+                    ix = ixs[2 * j]
+                    iy = iys[2 * j]
+                    xi = np.int32(ix)
+                    yi = np.int32(iy)
+                    wx = ix - np.float32(xi)
+                    wy = iy - np.float32(yi)
+                    i = yi * sp + xi
+                    a = fu[i] + wx * (fu[i + 1] - fu[i])
+                    b = fu[i + sp] + wx * (fu[i + sp + 1] - fu[i + sp])
+                    u_plane[cbase + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
+                    a = fv[i] + wx * (fv[i + 1] - fv[i])
+                    b = fv[i + sp] + wx * (fv[i + sp + 1] - fv[i + sp])
+                    v_plane[cbase + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def mouth_interior(cx: NDArray[np.float64], ry: NDArray[np.float64], top: NDArray[np.float64],
+                   bot: NDArray[np.float64], x_left: float, x_right: float, rows_per_px: float,
+                   upper: NDArray[np.float32], lower: NDArray[np.float32],
+                   dark: NDArray[np.float32], rim: NDArray[np.float32],
+                   cover: NDArray[np.float32], inner: NDArray[np.float32]) -> None:  # pragma: no cover
+    """Teeth over a lit cavity between the lips, for a box of pixels.
+
+    cx (w,): the box's column centres, ry (h,): its row centres (output px); top, bot (w,):
+    the upper and lower lip's inner edge per column. upper, lower (4, T, U): the teeth
+    textures (premultiplied, alpha 0..255), hanging from the upper lip and standing on the
+    lower one, ``rows_per_px`` texture rows per output pixel, their columns spread from
+    corner to corner. dark, rim (3,): the cavity's colour deep inside and at its rim.
+    Writes cover (h, w): how much of each pixel is between the lips, and inner (3, h, w).
+    """
+    h = ry.shape[0]
+    w = cx.shape[0]
+    width = x_right - x_left
+    fade = max(0.05 * width, 1.0)
+    t_rows = upper.shape[1]
+    t_cols = upper.shape[2]
+    for j in range(w):
+        x = cx[j]
+        inside_x = min(max(min(x - x_left, x_right - x), 0.0), 1.0)
+        u = min(max((x - x_left) / width, 0.0), 1.0)
+        side = (2.0 * u - 1.0) ** 2
+        tx = u * (t_cols - 1)
+        for i in range(h):
+            t = ry[i] - top[j]
+            b = bot[j] - ry[i]
+            cover[i, j] = (min(max(t + 0.5, 0.0), 1.0) * min(max(b + 0.5, 0.0), 1.0)
+                           * inside_x)
+            t = max(t, 0.0)
+            b = max(b, 0.0)
+            glow = min(max(np.exp(-min(t, b) / fade) * 0.8 + side * 0.5, 0.0), 1.0)
+            a_l = _texel(lower, 3, tx, b * rows_per_px, t_rows, t_cols) / 255.0
+            a_u = _texel(upper, 3, tx, t * rows_per_px, t_rows, t_cols) / 255.0
+            for ch in range(3):
+                cav = dark[ch] + (rim[ch] - dark[ch]) * glow
+                v = cav * (1.0 - a_l) + _texel(lower, ch, tx, b * rows_per_px, t_rows, t_cols)
+                inner[ch, i, j] = v * (1.0 - a_u) + _texel(upper, ch, tx, t * rows_per_px,
+                                                            t_rows, t_cols)
+
+
+@njit(inline="always", boundscheck=False, fastmath=True)
+def _texel(tex: NDArray[np.float32], ch: int, x: float, y: float, rows: int,
+           cols: int) -> float:  # pragma: no cover
+    """Bilinear at (x, y) texel coordinates, zero outside (grid_sample's zeros padding)."""
+    xi = int(np.floor(x))
+    yi = int(np.floor(y))
+    wx = x - xi
+    wy = y - yi
+    v = 0.0
+    for dy in range(2):
+        yy = yi + dy
+        if yy < 0 or yy >= rows:
+            continue
+        fy = wy if dy else 1.0 - wy
+        for dx in range(2):
+            xx = xi + dx
+            if 0 <= xx < cols:
+                v += fy * (wx if dx else 1.0 - wx) * tex[ch, yy, xx]
+    return v
+
+
+def compile_now() -> None:
+    """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
+    frame does not wait for the compiler (about 2 s cold)."""
+    f32 = np.float32
+    coarse = np.zeros((1, 2, 4, 4), f32)
+    src = pad_source(np.zeros((4, 4), f32))
+    frames = np.zeros((1, 24), np.uint8)
+    warp_i420(coarse, 2, 0, 2, 0, 2, np.zeros((1, 4), np.int32), np.zeros((1, 2, 2, 2), f32),
+              src, src, src, frames)
+    one = np.zeros(1)
+    tex = np.zeros((4, 2, 2), f32)
+    warm = np.zeros(3, f32)
+    mouth_interior(one, one, one, one + 1.0, 0.0, 2.0, 1.0, tex, tex, warm, warm,
+                   np.zeros((1, 1), f32), np.zeros((3, 1, 1), f32))
