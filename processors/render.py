@@ -23,7 +23,8 @@ from backbone.records import MotionFrames, SessionControl, VideoChunk
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
-from processors.render_kernels import compile_now, mouth_interior, pad_source, warp_i420
+from processors.render_kernels import (below_upper_lip, clamp_to_lips, compile_now, displaced,
+                                       mouth_interior, pad_source, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -234,6 +235,9 @@ class FaceRenderer:
         self._lip_designed = corners
         own = torch.tensor([1] * half + [2] * half)
         self._lip_pick = torch.cat([torch.zeros(2 * half, dtype=torch.long), own])
+        self._lip_pick_np = self._lip_pick.numpy().astype(np.int64)
+        self._edge_up_np = self._edge_up.numpy()
+        self._edge_lo_np = self._edge_lo.numpy()
 
     def _require_started(self) -> None:
         if not self._ready:
@@ -479,8 +483,8 @@ class FaceRenderer:
         c0, c1 = max(box[2], 0) // st, min(-(-box[3] // st), w // st)
         if b1 <= b0 or c1 <= c0:
             return
-        cells = (oy // st + b0, oy // st + b1, ox // st + c0, ox // st + c1)
-        buf[:, :, b0 * st:b1 * st, c0 * st:c1 * st] = _upsample_block(coarse, cells, st)
+        upsample_into(coarse.numpy(), st, oy, ox, b0 * st, b1 * st, c0 * st, c1 * st,
+                      buf.numpy())
 
     def _eye_search(self, eye_reach: int, box_h: int) -> list[
             tuple[int, int, int, int] | None]:
@@ -606,22 +610,10 @@ class FaceRenderer:
         The corners move as designed and only follow the head; the other points use their
         own lip's field, so the cut matches the warped lips.
         """
-        s, res = self._size, self._res
         half = len(LIP_INNER_UPPER)
-        pick = self._lip_pick  # (44,) which flow (0, 1, 2) each point follows
-        # Output px straight to the block's normalised coordinates: g = q * scale + shift.
-        h, w = flows.shape[2:]
-        scale = torch.tensor([2.0 * res / (s * w), 2.0 * res / (s * h)])
-        shift = torch.tensor([(res / s - 2 * origin[1]) / w - 1.0,
-                              (res / s - 2 * origin[0]) / h - 1.0])
-        q = pts.clone()
-        idx = torch.arange(pts.shape[1])
-        for _ in range(FIXED_POINT_STEPS):
-            g = torch.addcmul(shift, q, scale).unsqueeze(1)  # (n, 1, 44, 2)
-            f = F.grid_sample(flows, g, mode="bilinear", padding_mode="border",
-                              align_corners=False)[:, :, 0]  # (n, 6, 44)
-            f = f.view(f.shape[0], 3, 2, -1)[:, pick, :, idx]  # (44, n, 2)
-            q = torch.add(pts, f.permute(1, 0, 2), alpha=-s / 2.0)
+        q = torch.empty(pts.shape)
+        displaced(pts.contiguous().numpy(), flows.contiguous().numpy(), self._lip_pick_np,
+                  self._step, origin[0], origin[1], self._size, FIXED_POINT_STEPS, q.numpy())
         designed = q[:, :2 * half]
         own = q[:, 2 * half:]
         keep = self._lip_designed  # corners: designed; the rest: own field
@@ -635,26 +627,9 @@ class FaceRenderer:
         into a soft blend, where both sides' fields agree.
         """
         half = len(LIP_INNER_UPPER)
-        n = lips.shape[0]
-        xs = np.arange(x0, x1, dtype=np.float64)
-        top = np.empty((n, x1 - x0))
-        scale = np.empty((n, x1 - x0))
-        window = np.empty((n, x1 - x0))
-        for i, pts in enumerate(lips.numpy().astype(np.float64)):
-            up = pts[:half]
-            order = np.argsort(up[:, 0], kind="stable")
-            top[i] = np.interp(xs, up[order, 0], up[order, 1])
-            beyond = np.maximum(up[0, 0] - xs, 0) + np.maximum(xs - up[-1, 0], 0)
-            scale[i] = 1.0 / (1.0 + 0.8 * beyond)  # ~1 px of anti-aliasing along the cut
-            # Fade out well past the corners, where both sides' fields agree.
-            span = max(up[-1, 0] - up[0, 0], 1.0)
-            window[i] = np.clip(1.5 - beyond / (0.25 * span), 0, 1)
-        # The 2D part for the whole chunk at once.
-        ys = torch.arange(y0, y1, dtype=torch.float32).view(1, 1, -1, 1)
-        t = torch.from_numpy(top.astype(np.float32)).view(n, 1, 1, -1)
-        k = torch.from_numpy(scale.astype(np.float32)).view(n, 1, 1, -1)
-        win = torch.from_numpy(window.astype(np.float32)).view(n, 1, 1, -1)
-        return ((ys - t) * k + 0.5).clamp_(0, 1).mul_(win)
+        out = torch.empty(lips.shape[0], 1, y1 - y0, x1 - x0)
+        below_upper_lip(lips[:, :half].numpy().astype(np.float64), y0, x0, out.numpy())
+        return out
 
     def _clamp_to_lips(self, grid: Tensor, mouth: _Region, lips: Tensor,
                        roi: tuple[int, int, int, int]) -> None:
@@ -674,14 +649,8 @@ class FaceRenderer:
         cx1 = min(int(lips[..., 0].max() + pad) + 1 - x0, bx1)
         if cy1 <= cy0 or cx1 <= cx0:
             return
-        g = grid[:, cy0:cy1, cx0:cx1]
-        sx = ((g[..., 0] + 1) * s - 1) / 2
-        sy = ((g[..., 1] + 1) * s - 1) / 2
-        col = sx.round().clamp_(0, s - 1).long()
-        lower = mouth.last_mask[:, 0, cy0 - by0:cy1 - by0, cx0 - bx0:cx1 - bx0] > 0.5
-        clamped = torch.where(lower, torch.maximum(sy, self._edge_lo[col]),
-                              torch.minimum(sy, self._edge_up[col]))
-        g[..., 1] = (2 * clamped + 1) / s - 1
+        clamp_to_lips(grid.permute(0, 3, 1, 2).numpy(), cy0, cy1, cx0, cx1,
+                      mouth.last_mask.numpy(), by0, bx0, self._edge_up_np, self._edge_lo_np, s)
 
     def _mouth_interior(self, lips: Tensor, roi: tuple[int, int, int, int], colours: _Interior,
                         even: bool = False, tongue: float = 0.0) -> tuple[

@@ -189,6 +189,115 @@ def _texel(tex: NDArray[np.float32], ch: int, x: float, y: float, rows: int,
     return v
 
 
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def upsample_into(coarse: NDArray[np.float32], step: int, oy: int, ox: int, b0: int, b1: int,
+                  c0: int, c1: int, buf: NDArray[np.float32]) -> None:  # pragma: no cover
+    """buf[:, :, b0:b1, c0:c1] = the padded coarse grid (n, C, P, P) upsampled by ``step``
+    (bilinear, as the warp does), where buf's pixel (0, 0) is output pixel (oy, ox)."""
+    inv = np.float32(1.0) / np.float32(step)
+    half = np.float32(0.5)
+    for f in range(buf.shape[0]):
+        for ch in range(buf.shape[1]):
+            for b in range(b0, b1):
+                src = (np.float32(oy + b) + half) * inv + half
+                r = int(np.floor(src))
+                fy = src - np.float32(r)
+                for c in range(c0, c1):
+                    srx = (np.float32(ox + c) + half) * inv + half
+                    k = int(np.floor(srx))
+                    fx = srx - np.float32(k)
+                    a = coarse[f, ch, r, k] + fx * (coarse[f, ch, r, k + 1] - coarse[f, ch, r, k])
+                    z = coarse[f, ch, r + 1, k] + fx * (coarse[f, ch, r + 1, k + 1]
+                                                        - coarse[f, ch, r + 1, k])
+                    buf[f, ch, b, c] = a + fy * (z - a)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def clamp_to_lips(grid: NDArray[np.float32], y0: int, y1: int, x0: int, x1: int,
+                  lower: NDArray[np.float32], ly: int, lx: int, edge_up: NDArray[np.float32],
+                  edge_lo: NDArray[np.float32], s: int) -> None:  # pragma: no cover
+    """In grid (n, 2, H, W) over [y0, y1) x [x0, x1): a pixel of the lower lip (``lower``
+    (n, 1, h, w) > 0.5, its (0, 0) at (ly, lx)) samples no higher than the lower lip's inner
+    edge in its source column, any other no lower than the upper lip's."""
+    sf = np.float32(s)
+    half = np.float32(0.5)
+    one = np.float32(1.0)
+    for f in range(grid.shape[0]):
+        for yy in range(y0, y1):
+            for xx in range(x0, x1):
+                sx = ((grid[f, 0, yy, xx] + one) * sf - one) * half
+                sy = ((grid[f, 1, yy, xx] + one) * sf - one) * half
+                col = min(max(int(np.rint(sx)), 0), s - 1)
+                if lower[f, 0, yy - ly, xx - lx] > half:
+                    sy = max(sy, edge_lo[col])
+                else:
+                    sy = min(sy, edge_up[col])
+                grid[f, 1, yy, xx] = (np.float32(2.0) * sy + one) / sf - one
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def below_upper_lip(upper: NDArray[np.float64], y0: int, x0: int,
+                    out: NDArray[np.float32]) -> None:  # pragma: no cover
+    """out (n, 1, h, w): 1 below the upper lip's inner edge (upper (n, k, 2), corner to
+    corner), 0 above, ~1 px of anti-aliasing; fading to 0 well past the corners."""
+    h = out.shape[2]
+    w = out.shape[3]
+    xs = np.arange(x0, x0 + w).astype(np.float64)
+    for f in range(upper.shape[0]):
+        pts = upper[f]
+        order = np.argsort(pts[:, 0], kind="mergesort")
+        top = np.interp(xs, pts[order, 0], pts[order, 1])
+        left = pts[0, 0]
+        right = pts[pts.shape[0] - 1, 0]
+        span = max(right - left, 1.0)
+        for c in range(w):
+            beyond = max(left - xs[c], 0.0) + max(xs[c] - right, 0.0)
+            k = 1.0 / (1.0 + 0.8 * beyond)
+            window = min(max(1.5 - beyond / (0.25 * span), 0.0), 1.0)
+            for r in range(h):
+                out[f, 0, r, c] = np.float32(min(max((y0 + r - top[c]) * k + 0.5, 0.0), 1.0)
+                                             * window)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def displaced(pts: NDArray[np.float32], flows: NDArray[np.float32], pick: NDArray[np.int64],
+              step: int, oy: int, ox: int, s: int, steps: int,
+              out: NDArray[np.float32]) -> None:  # pragma: no cover
+    """Solve q + flow(q) = p for points p (n, m, 2) (output px) by ``steps`` fixed-point
+    steps; point i follows flow ``pick[i]`` of flows (n, 2 * F, h, w), a block of the padded
+    coarse grid (in normalised units) whose cell (0, 0) is coarse cell (oy, ox)."""
+    h = flows.shape[2]
+    w = flows.shape[3]
+    inv = 1.0 / step
+    amp = s / 2.0
+    for f in range(pts.shape[0]):
+        for i in range(pts.shape[1]):
+            px = pts[f, i, 0]
+            py = pts[f, i, 1]
+            ch = 2 * pick[i]
+            qx = px
+            qy = py
+            for _ in range(steps):
+                ix = min(max((qx + 0.5) * inv - 0.5 - ox, 0.0), w - 1.0)
+                iy = min(max((qy + 0.5) * inv - 0.5 - oy, 0.0), h - 1.0)
+                xi = int(ix)
+                yi = int(iy)
+                xj = min(xi + 1, w - 1)
+                yj = min(yi + 1, h - 1)
+                wx = ix - xi
+                wy = iy - yi
+                fx = ((1 - wy) * ((1 - wx) * flows[f, ch, yi, xi] + wx * flows[f, ch, yi, xj])
+                      + wy * ((1 - wx) * flows[f, ch, yj, xi] + wx * flows[f, ch, yj, xj]))
+                fy = ((1 - wy) * ((1 - wx) * flows[f, ch + 1, yi, xi]
+                                  + wx * flows[f, ch + 1, yi, xj])
+                      + wy * ((1 - wx) * flows[f, ch + 1, yj, xi]
+                              + wx * flows[f, ch + 1, yj, xj]))
+                qx = px - fx * amp
+                qy = py - fy * amp
+            out[f, i, 0] = qx
+            out[f, i, 1] = qy
+
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -203,3 +312,10 @@ def compile_now() -> None:
     warm = np.zeros(3, f32)
     mouth_interior(one, one, one, one + 1.0, 0.0, 2.0, 1.0, tex, tex, warm, warm,
                    np.zeros((1, 1), f32), np.zeros((3, 1, 1), f32))
+    buf = np.zeros((1, 2, 2, 2), f32)
+    upsample_into(coarse, 2, 0, 0, 0, 2, 0, 2, buf)
+    clamp_to_lips(buf, 0, 2, 0, 2, np.zeros((1, 1, 2, 2), f32), 0, 0, np.zeros(4, f32),
+                  np.zeros(4, f32), 4)
+    below_upper_lip(np.zeros((1, 2, 2)), 0, 0, np.zeros((1, 1, 2, 2), f32))
+    displaced(np.zeros((1, 2, 2), f32), np.zeros((1, 2, 2, 2), f32), np.zeros(2, np.int64),
+              2, 0, 0, 4, 1, np.zeros((1, 2, 2), f32))
