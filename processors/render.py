@@ -24,7 +24,7 @@ from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, Sessio
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
 from processors.render_kernels import (below_upper_lip, clamp_to_lips, compile_now, displaced,
-                                       mouth_interior, pad_source, upsample_into, warp_i420)
+                                       eyes_i420, mouth_interior, pad_source, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -223,6 +223,10 @@ class FaceRenderer:
         self._skin_y_pad = pad_source(self._skin_y[0, 0].numpy())
         self._skin_u_pad = pad_source(self._skin_uv[0, 0].numpy())
         self._skin_v_pad = pad_source(self._skin_uv[0, 1].numpy())
+        self._alpha_pad = pad_source(self._skin_alpha[0, 0].numpy())
+        self._alpha_box_pad = pad_source(self._alpha_box[0, 0].numpy())
+        self._eye_back_pad = tuple(pad_source(self._eye_back_yuv[0, i].contiguous().numpy())
+                                   for i in range(3))
         self._px_scale = s / 2.0
         self._px_offset = self._id_coarse_ch * (s / 2.0) + (s - 1) / 2.0
         self._tex_rows_per_px = mouth.px_size / s
@@ -552,14 +556,12 @@ class FaceRenderer:
         cr = planes[:, s * s + q:].view(n, s // 2, s // 2)[
             :, ry0 // 2:ry1 // 2, rx0 // 2:rx1 // 2]
         # The layers go over the warped (rounded) skin: rounding twice costs half a level.
-        for (y0, y1, x0, x1), alpha, back in self._eye_openings(geo, self._eye_back_yuv):
-            _blend_into(luma[:, y0:y1, x0:x1], 1.0, (1 - alpha[:, 0]) * back[:, 0])
-            alpha_c = F.grid_sample(self._alpha_box.expand(n, -1, -1, -1),
-                                    grid_hw[:, y0:y1:2, x0:x1:2], mode="bilinear",
-                                    padding_mode="border", align_corners=False)[:, 0]
-            cy, cx = np.s_[y0 // 2:y1 // 2], np.s_[x0 // 2:x1 // 2]
-            _blend_into(cb[:, cy, cx], 1.0, (1 - alpha_c) * back[:, 1, ::2, ::2])
-            _blend_into(cr[:, cy, cx], 1.0, (1 - alpha_c) * back[:, 2, ::2, ::2])
+        # The eyeballs show where the skin is see-through.
+        boxes = np.array([b for b in geo.eye_search if b], dtype=np.int32).reshape(-1, 4)
+        ey0, _, ex0, _ = geo.eye_box
+        eyes_i420(grid_hw.permute(0, 3, 1, 2).numpy(), geo.eye_grid.permute(0, 3, 1, 2).numpy(),
+                  ey0, ex0, boxes, ry0, rx0, self._alpha_pad, self._alpha_box_pad,
+                  *self._eye_back_pad, out.reshape(n, -1))
         for i in range(n):
             found = self._mouth_interior(geo.lips[i], geo.roi, self._interior_yuv,
                                          even=True, tongue=geo.tongue[i])
@@ -885,25 +887,11 @@ def _sample_sub(field: Tensor, grid: Tensor, res: int, origin: tuple[int, int]) 
 
 def _upsample_padded(block: Tensor, step: int) -> Tensor:
     """Upsample a block with one padding cell each side, returning the unpadded interior."""
-    up = F.interpolate(block, scale_factor=step, mode="bilinear", align_corners=False)
-    return up[:, :, step:-step, step:-step]
-
-
-def _upsample_block(coarse_padded: Tensor, cells: tuple[int, int, int, int],
-                    step: int) -> Tensor:
-    """Full-resolution values of coarse cells [r0, r1) x [c0, c1) of a padded coarse grid."""
-    r0, r1, c0, c1 = cells
-    block = coarse_padded[:, :, r0:r1 + 2, c0:c1 + 2]
-    return _upsample_padded(block, step)
-
-
-def _sample_texture(tex: Tensor, u: NDArray[np.float64], rows: NDArray[np.float64]) -> Tensor:
-    """Bilinear lookup of a (1, 4, T, U) texture at column fraction u and row index rows."""
-    t_rows = tex.shape[2]
-    gx = np.broadcast_to(2 * u[None, :] - 1, rows.shape)
-    gy = 2 * rows / max(t_rows - 1, 1) - 1
-    g = torch.from_numpy(np.stack([gx, gy], axis=-1).astype(np.float32))[None]
-    return F.grid_sample(tex, g, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    n, c, h, w = block.shape
+    out = torch.empty(n, c, (h - 2) * step, (w - 2) * step)
+    upsample_into(block.contiguous().numpy(), step, 0, 0, 0, out.shape[2], 0, out.shape[3],
+                  out.numpy())
+    return out
 
 
 # ---- the render stage: motion -> rendered frames -> H.264 -> video topic ----------------

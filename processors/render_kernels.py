@@ -298,6 +298,72 @@ def displaced(pts: NDArray[np.float32], flows: NDArray[np.float32], pick: NDArra
             out[f, i, 1] = qy
 
 
+
+@njit(inline="always", boundscheck=False, fastmath=True)
+def _bilinear(plane: NDArray[np.float32], x: float, y: float) -> float:  # pragma: no cover
+    """A :func:`pad_source` plane at (x, y) px, clamped to the image (border padding)."""
+    top = plane.shape[0] - 2
+    x = min(max(x, 0.0), top)
+    y = min(max(y, 0.0), top)
+    xi = int(x)
+    yi = int(y)
+    wx = x - xi
+    wy = y - yi
+    a = plane[yi, xi] + wx * (plane[yi, xi + 1] - plane[yi, xi])
+    b = plane[yi + 1, xi] + wx * (plane[yi + 1, xi + 1] - plane[yi + 1, xi])
+    return a + wy * (b - a)
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def eyes_i420(grid: NDArray[np.float32], eye_grid: NDArray[np.float32], ey0: int, ex0: int,
+              boxes: NDArray[np.int32], ry0: int, rx0: int, alpha: NDArray[np.float32],
+              alpha_box: NDArray[np.float32], back_y: NDArray[np.float32],
+              back_u: NDArray[np.float32], back_v: NDArray[np.float32],
+              frames: NDArray[np.uint8]) -> None:  # pragma: no cover
+    """The eyeballs, behind the skin where it is see-through, onto warped I420 frames.
+
+    grid (n, 2, H, W): the skin's sampling positions over the ROI (top-left (ry0, rx0));
+    eye_grid (n, 2, h, w): the eye layer's, over the eye box (top-left (ey0, ex0) in the
+    ROI); both normalised as for grid_sample. boxes (m, 4): where to look, eye-box
+    coordinates (even top-left). alpha, alpha_box: the skin's opacity (chroma's box-averaged);
+    back_y, back_u, back_v: the eye layer (all from :func:`pad_source`).
+    """
+    s = alpha.shape[0] - 1
+    sh = s >> 1
+    scale = s * 0.5
+    shift = (s - 1) * 0.5
+    for f in range(grid.shape[0]):
+        frame = frames[f]
+        u_plane = frames[f, s * s:]
+        v_plane = frames[f, s * s + sh * sh:]
+        for b in range(boxes.shape[0]):
+            for r in range(boxes[b, 0], boxes[b, 1]):
+                gr = ey0 + r
+                yy = ry0 + gr
+                for c in range(boxes[b, 2], boxes[b, 3]):
+                    gc = ex0 + c
+                    sx = grid[f, 0, gr, gc] * scale + shift
+                    sy = grid[f, 1, gr, gc] * scale + shift
+                    a = _bilinear(alpha, sx, sy)
+                    chroma = (r & 1) == 0 and (c & 1) == 0
+                    if a >= 1.0 and not chroma:
+                        continue
+                    ex = eye_grid[f, 0, r, c] * scale + shift
+                    ey = eye_grid[f, 1, r, c] * scale + shift
+                    xx = rx0 + gc
+                    if a < 1.0:
+                        i = yy * s + xx
+                        v = frame[i] + (1.0 - a) * _bilinear(back_y, ex, ey) + 0.5
+                        frame[i] = np.uint8(min(max(v, 0.0), 255.0))
+                    if chroma:
+                        ac = _bilinear(alpha_box, sx, sy)
+                        if ac < 1.0:
+                            i = (yy >> 1) * sh + (xx >> 1)
+                            v = u_plane[i] + (1.0 - ac) * _bilinear(back_u, ex, ey) + 0.5
+                            u_plane[i] = np.uint8(min(max(v, 0.0), 255.0))
+                            v = v_plane[i] + (1.0 - ac) * _bilinear(back_v, ex, ey) + 0.5
+                            v_plane[i] = np.uint8(min(max(v, 0.0), 255.0))
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -319,3 +385,4 @@ def compile_now() -> None:
     below_upper_lip(np.zeros((1, 2, 2)), 0, 0, np.zeros((1, 1, 2, 2), f32))
     displaced(np.zeros((1, 2, 2), f32), np.zeros((1, 2, 2, 2), f32), np.zeros(2, np.int64),
               2, 0, 0, 4, 1, np.zeros((1, 2, 2), f32))
+    eyes_i420(buf, buf, 0, 0, np.zeros((1, 4), np.int32), 0, 0, src, src, src, src, src, frames)
