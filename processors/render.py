@@ -23,8 +23,9 @@ from backbone.records import MotionFrames, SessionControl, VideoChunk
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
-from processors.render_kernels import (below_upper_lip, clamp_to_lips, compile_now, displaced,
-                                       eyes_i420, mouth_interior, pad_source, upsample_into, warp_i420)
+from processors.render_kernels import (below_upper_lip, blend_fields, clamp_to_lips, compile_now,
+                                       displaced, eyes_i420, mouth_interior, pad_source,
+                                       sample_coarse, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -106,7 +107,7 @@ class FaceRenderer:
             pack.fields.transpose(0, 3, 1, 2)))  # (K, 2, R, R)
         # One padding cell (replicate) lets any cell block be upsampled exactly.
         fields = F.pad(fields, (1, 1, 1, 1), mode="replicate")
-        self._bs_fields = fields[self._bs_rows].reshape(len(self._bs_rows), -1).contiguous()
+        self._bs_sparse = _sparse_fields(fields[self._bs_rows].numpy())
         self._head_fields = fields[self._head_rows].reshape(3, -1).contiguous()
         # Where anything moves by more than a twentieth of a pixel (head at its limit): the
         # warp only runs there, the rest of the frame is a copy of the portrait.
@@ -340,13 +341,21 @@ class FaceRenderer:
             coeff[:, self._close_col] = torch.minimum(coeff[:, self._close_col],
                                                       coeff[:, self._jaw_col])
         padded = res + 2
-        # One small matmul on the coarse grid (picking the live fields first costs more).
-        bs = (coeff @ self._bs_fields).view(n, 2, padded, padded)
+        # Each blendshape's field is nonzero over a part of the face only (a fifth of the
+        # grid on average): summed over those parts, live fields only.
+        coeff = coeff.contiguous()
+        bs = torch.zeros(n, 2, padded, padded)
+        r0, r1, c0, c1 = blend_fields(coeff.numpy(), *self._bs_sparse, bs.numpy()).tolist()
         hd = (head @ self._head_fields).view(n, 2, padded, padded)
         # Blendshapes act on the unrotated face, then the head turns: sample the blendshape
-        # flow where the head motion comes from (all on the coarse grid, it is smooth).
+        # flow where the head motion comes from (all on the coarse grid, it is smooth), i.e.
+        # around the blendshapes' box by as far as the head moves.
         grid_c = self._id_coarse + hd.permute(0, 2, 3, 1)
-        bs_at = _sample(bs, grid_c, padded, res)
+        bs_at = torch.zeros(n, 2, padded, padded)
+        if r1 > r0:
+            m = int(math.ceil(float(hd.abs().amax()) * res / 2)) + 1
+            sample_coarse(bs.numpy(), hd.numpy(), max(r0 - m, 0), min(r1 + m, padded),
+                          max(c0 - m, 0), min(c1 + m, padded), res / 2, bs_at.numpy())
         total = hd + bs_at
         # Sampling positions at full resolution: upsampling identity+flow in one go (bilinear
         # reproduces the identity exactly).
@@ -818,6 +827,26 @@ class _Region:
         self.last_mask = torch.zeros(0)
 
 
+def _sparse_fields(fields: NDArray[np.float32]) -> tuple[
+        NDArray[np.float32], NDArray[np.int64], NDArray[np.int64]]:
+    """Fields (K, 2, P, P) as blend_fields takes them: each field's box of nonzero cells
+    (K, 4), the boxes' values flattened one after another, and where each starts."""
+    parts, boxes, offsets, at = [], [], [], 0
+    for field in fields:
+        live = (field != 0).any(axis=0)
+        rows, cols = np.flatnonzero(live.any(axis=1)), np.flatnonzero(live.any(axis=0))
+        if len(rows) == 0:
+            rows = cols = np.array([0])  # all zero: a one-cell box of zeros
+        box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        part = np.ascontiguousarray(field[:, box[0]:box[1], box[2]:box[3]]).ravel()
+        parts.append(part)
+        boxes.append(box)
+        offsets.append(at)
+        at += part.size
+    return (np.concatenate(parts).astype(np.float32), np.array(boxes, dtype=np.int64),
+            np.array(offsets, dtype=np.int64))
+
+
 def _blend_into(plane: Tensor, keep: Tensor | float, add: Tensor) -> None:
     """plane = round(plane * keep + add), in place on a uint8 view."""
     plane.copy_(plane.float().mul_(keep).add_(add).add_(0.5).clamp_(0, 255))
@@ -866,14 +895,6 @@ def _identity_grid(h: int, w: int, full: int, row0: int, col0: int) -> Tensor:
     xs = (2 * (torch.arange(w, dtype=torch.float32) + col0) + 1) / full - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([gx, gy], dim=-1)[None].contiguous()
-
-
-def _sample(field: Tensor, grid: Tensor, padded: int, res: int) -> Tensor:
-    """Sample a padded coarse field (n, 2, res+2, res+2) at normalised positions."""
-    # Positions are in the unpadded grid's normalised frame; shift into the padded tensor.
-    scale = res / padded
-    g = grid * scale
-    return F.grid_sample(field, g, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _sample_sub(field: Tensor, grid: Tensor, res: int, origin: tuple[int, int]) -> Tensor:

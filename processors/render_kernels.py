@@ -364,6 +364,60 @@ def eyes_i420(grid: NDArray[np.float32], eye_grid: NDArray[np.float32], ey0: int
                             v = v_plane[i] + (1.0 - ac) * _bilinear(back_v, ex, ey) + 0.5
                             v_plane[i] = np.uint8(min(max(v, 0.0), 255.0))
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def blend_fields(coeff: NDArray[np.float32], data: NDArray[np.float32],
+                 boxes: NDArray[np.int64], offsets: NDArray[np.int64],
+                 out: NDArray[np.float32]) -> NDArray[np.int64]:  # pragma: no cover
+    """out (n, 2, P, P), zeroed: sum over k of coeff[:, k] x field k, where field k is
+    nonzero only in boxes[k] (r0, r1, c0, c1) and stored there, (2, h, w) flattened, at
+    data[offsets[k]:]. Returns the box (r0, r1, c0, c1) holding every nonzero value
+    (empty when all weights are zero)."""
+    union = np.array([out.shape[2], 0, out.shape[3], 0], np.int64)
+    for f in range(coeff.shape[0]):
+        for k in range(coeff.shape[1]):
+            c = coeff[f, k]
+            if c == 0.0:
+                continue
+            r0, r1, c0, c1 = boxes[k, 0], boxes[k, 1], boxes[k, 2], boxes[k, 3]
+            union[0] = min(union[0], r0)
+            union[1] = max(union[1], r1)
+            union[2] = min(union[2], c0)
+            union[3] = max(union[3], c1)
+            h = r1 - r0
+            w = c1 - c0
+            at = offsets[k]
+            for ch in range(2):
+                for r in range(h):
+                    row = at + (ch * h + r) * w
+                    for q in range(w):
+                        out[f, ch, r0 + r, c0 + q] += c * data[row + q]
+    return union
+
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def sample_coarse(field: NDArray[np.float32], shift: NDArray[np.float32], r0: int, r1: int,
+                  c0: int, c1: int, amp: float, out: NDArray[np.float32]) -> None:  # pragma: no cover
+    """out[:, :, r, c] = field (n, 2, P, P) at cell (r, c) moved by amp x shift[:, :, r, c]
+    (bilinear, border), for r0 <= r < r1, c0 <= c < c1 (out is left alone elsewhere)."""
+    h = field.shape[2]
+    w = field.shape[3]
+    for f in range(field.shape[0]):
+        for r in range(r0, r1):
+            for c in range(c0, c1):
+                x = min(max(c + shift[f, 0, r, c] * amp, 0.0), w - 1.0)
+                y = min(max(r + shift[f, 1, r, c] * amp, 0.0), h - 1.0)
+                xi = int(x)
+                yi = int(y)
+                xj = min(xi + 1, w - 1)
+                yj = min(yi + 1, h - 1)
+                wx = x - xi
+                wy = y - yi
+                for ch in range(2):
+                    a = field[f, ch, yi, xi] + wx * (field[f, ch, yi, xj] - field[f, ch, yi, xi])
+                    b = field[f, ch, yj, xi] + wx * (field[f, ch, yj, xj] - field[f, ch, yj, xi])
+                    out[f, ch, r, c] = a + wy * (b - a)
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -386,3 +440,7 @@ def compile_now() -> None:
     displaced(np.zeros((1, 2, 2), f32), np.zeros((1, 2, 2, 2), f32), np.zeros(2, np.int64),
               2, 0, 0, 4, 1, np.zeros((1, 2, 2), f32))
     eyes_i420(buf, buf, 0, 0, np.zeros((1, 4), np.int32), 0, 0, src, src, src, src, src, frames)
+    field = np.zeros((1, 2, 2, 2), f32)
+    blend_fields(np.zeros((1, 1), f32), np.zeros(8, f32), np.array([[0, 2, 0, 2]]),
+                 np.zeros(1, np.int64), field)
+    sample_coarse(field, field, 0, 2, 0, 2, 1.0, buf)
