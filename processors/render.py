@@ -23,9 +23,9 @@ from backbone.records import MotionFrames, SessionControl, VideoChunk
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
-from processors.render_kernels import (below_upper_lip, blend_fields, clamp_to_lips, compile_now,
-                                       displaced, eyes_i420, mouth_interior, pad_source,
-                                       sample_coarse, upsample_into, warp_i420)
+from processors.render_kernels import (below_upper_lip, blend_fields, blend_i420, clamp_to_lips,
+                                       compile_now, displaced, eyes_i420, mouth_interior,
+                                       pad_source, sample_coarse, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -350,7 +350,6 @@ class FaceRenderer:
         # Blendshapes act on the unrotated face, then the head turns: sample the blendshape
         # flow where the head motion comes from (all on the coarse grid, it is smooth), i.e.
         # around the blendshapes' box by as far as the head moves.
-        grid_c = self._id_coarse + hd.permute(0, 2, 3, 1)
         bs_at = torch.zeros(n, 2, padded, padded)
         if r1 > r0:
             m = int(math.ceil(float(hd.abs().amax()) * res / 2)) + 1
@@ -375,8 +374,8 @@ class FaceRenderer:
         mouth = self._mouth
         m0, m1, n0, n1 = mouth.cells
         alt_m = (coeff @ mouth.fields).view(n, 2, *mouth.padded_shape)
-        alt_m = hd[:, :, m0:m1 + 2, n0:n1 + 2] + _sample_sub(
-            alt_m, grid_c[:, m0:m1 + 2, n0:n1 + 2], res, (m0 - 1, n0 - 1))
+        alt_m = hd[:, :, m0:m1 + 2, n0:n1 + 2] + _moved(alt_m, hd[:, :, m0:m1 + 2, n0:n1 + 2],
+                                                        res)
         # Three flows over the mouth's box (head only, upper lip's side, lower lip's side),
         # so all 22 points are solved together.
         box = np.s_[:, :, m0:m1 + 2, n0:n1 + 2]
@@ -401,9 +400,8 @@ class FaceRenderer:
                 continue
             a0, a1, b0, b1 = region.cells
             ph, pw = region.padded_shape
-            alt = alt_m - hd[:, :, a0:a1 + 2, b0:b1 + 2] if region is mouth else _sample_sub(
-                (coeff @ region.fields).view(n, 2, ph, pw), grid_c[:, a0:a1 + 2, b0:b1 + 2],
-                res, (a0 - 1, b0 - 1))
+            alt = alt_m - hd[:, :, a0:a1 + 2, b0:b1 + 2] if region is mouth else _moved(
+                (coeff @ region.fields).view(n, 2, ph, pw), hd[:, :, a0:a1 + 2, b0:b1 + 2], res)
             delta = alt - bs_at[:, :, a0:a1 + 2, b0:b1 + 2]
             # Only where the two sides differ visibly this frame (the box is sized for the
             # widest jaw drop, most frames need a fraction of it).
@@ -554,34 +552,25 @@ class FaceRenderer:
         # The warp over the ROI in one pass, straight into the frames: positions from the
         # coarse grid, or from the full one in the patches (lips, eyes).
         patches = np.array(geo.patches, dtype=np.int32).reshape(-1, 4)
+        frames = out.reshape(n, -1)
         warp_i420(geo.coarse_px.numpy(), self._step, ry0, ry1, rx0, rx1, patches,
                   grid_hw.permute(0, 3, 1, 2).numpy(), self._skin_y_pad, self._skin_u_pad,
-                  self._skin_v_pad, out.reshape(n, -1))
-        planes = torch.from_numpy(out).view(n, -1)
-        q = s * s // 4
-        luma = planes[:, :s * s].view(n, s, s)[:, ry0:ry1, rx0:rx1]
-        cb = planes[:, s * s:s * s + q].view(n, s // 2, s // 2)[
-            :, ry0 // 2:ry1 // 2, rx0 // 2:rx1 // 2]
-        cr = planes[:, s * s + q:].view(n, s // 2, s // 2)[
-            :, ry0 // 2:ry1 // 2, rx0 // 2:rx1 // 2]
+                  self._skin_v_pad, frames)
         # The layers go over the warped (rounded) skin: rounding twice costs half a level.
-        # The eyeballs show where the skin is see-through.
+        # The eyeballs show where the skin is see-through...
         boxes = np.array([b for b in geo.eye_search if b], dtype=np.int32).reshape(-1, 4)
         ey0, _, ex0, _ = geo.eye_box
         eyes_i420(grid_hw.permute(0, 3, 1, 2).numpy(), geo.eye_grid.permute(0, 3, 1, 2).numpy(),
                   ey0, ex0, boxes, ry0, rx0, self._alpha_pad, self._alpha_box_pad,
-                  *self._eye_back_pad, out.reshape(n, -1))
+                  *self._eye_back_pad, frames)
+        # ...and the mouth between the lips.
         for i in range(n):
             found = self._mouth_interior(geo.lips[i], geo.roi, self._interior_yuv,
                                          even=True, tongue=geo.tongue[i])
             if found is not None:
                 (ly0, ly1, lx0, lx1), c, inner = found
-                _blend_into(luma[i, ly0:ly1, lx0:lx1], 1 - c[0], inner[0] * c[0])
-                c2 = F.avg_pool2d(c[None], 2)[0]
-                inner2 = F.avg_pool2d((inner[1:] * c)[None], 2)[0]
-                cy, cx = np.s_[ly0 // 2:ly1 // 2], np.s_[lx0 // 2:lx1 // 2]
-                _blend_into(cb[i, cy, cx], 1 - c2[0], inner2[0])
-                _blend_into(cr[i, cy, cx], 1 - c2[0], inner2[1])
+                blend_i420(frames[i], s, ry0 + ly0, rx0 + lx0, c[0].contiguous().numpy(),
+                           inner.contiguous().numpy())
 
     def _eye_openings(self, geo: _Geometry, eye_back: Tensor) -> list[tuple[
             tuple[int, int, int, int], Tensor, Tensor]]:
@@ -847,11 +836,6 @@ def _sparse_fields(fields: NDArray[np.float32]) -> tuple[
             np.array(offsets, dtype=np.int64))
 
 
-def _blend_into(plane: Tensor, keep: Tensor | float, add: Tensor) -> None:
-    """plane = round(plane * keep + add), in place on a uint8 view."""
-    plane.copy_(plane.float().mul_(keep).add_(add).add_(0.5).clamp_(0, 255))
-
-
 def _aligned(box: tuple[int, int, int, int], step: int, h: int, w: int) -> tuple[
         int, int, int, int]:
     """A box grown to whole cells of ``step`` px and clipped to (h, w)."""
@@ -897,13 +881,14 @@ def _identity_grid(h: int, w: int, full: int, row0: int, col0: int) -> Tensor:
     return torch.stack([gx, gy], dim=-1)[None].contiguous()
 
 
-def _sample_sub(field: Tensor, grid: Tensor, res: int, origin: tuple[int, int]) -> Tensor:
-    """Sample a sub-grid field whose cell (0, 0) is coarse cell ``origin`` (row, col)."""
+def _moved(field: Tensor, shift: Tensor, res: int) -> Tensor:
+    """A block of the coarse grid (n, 2, h, w), each cell sampled where ``shift`` (the same
+    block of the head's flow, normalised units) says it comes from (border padding)."""
+    out = torch.empty(field.shape)
     h, w = field.shape[2:]
-    cx = ((grid[..., 0] + 1) * res - 1) / 2 - origin[1]
-    cy = ((grid[..., 1] + 1) * res - 1) / 2 - origin[0]
-    g = torch.stack([(2 * cx + 1) / w - 1, (2 * cy + 1) / h - 1], dim=-1)
-    return F.grid_sample(field, g, mode="bilinear", padding_mode="border", align_corners=False)
+    sample_coarse(field.contiguous().numpy(), shift.contiguous().numpy(), 0, h, 0, w,
+                  res / 2, out.numpy())
+    return out
 
 
 def _upsample_padded(block: Tensor, step: int) -> Tensor:

@@ -196,20 +196,25 @@ def upsample_into(coarse: NDArray[np.float32], step: int, oy: int, ox: int, b0: 
     (bilinear, as the warp does), where buf's pixel (0, 0) is output pixel (oy, ox)."""
     inv = np.float32(1.0) / np.float32(step)
     half = np.float32(0.5)
+    w = c1 - c0
+    ks = np.empty(w, np.int64)
+    fxs = np.empty(w, np.float32)
+    for q in range(w):
+        srx = (np.float32(ox + c0 + q) + half) * inv + half
+        ks[q] = int(np.floor(srx))
+        fxs[q] = srx - np.float32(ks[q])
     for f in range(buf.shape[0]):
         for ch in range(buf.shape[1]):
             for b in range(b0, b1):
                 src = (np.float32(oy + b) + half) * inv + half
                 r = int(np.floor(src))
                 fy = src - np.float32(r)
-                for c in range(c0, c1):
-                    srx = (np.float32(ox + c) + half) * inv + half
-                    k = int(np.floor(srx))
-                    fx = srx - np.float32(k)
-                    a = coarse[f, ch, r, k] + fx * (coarse[f, ch, r, k + 1] - coarse[f, ch, r, k])
-                    z = coarse[f, ch, r + 1, k] + fx * (coarse[f, ch, r + 1, k + 1]
-                                                        - coarse[f, ch, r + 1, k])
-                    buf[f, ch, b, c] = a + fy * (z - a)
+                for q in range(w):
+                    k = ks[q]
+                    a = coarse[f, ch, r, k] + fy * (coarse[f, ch, r + 1, k] - coarse[f, ch, r, k])
+                    z = coarse[f, ch, r, k + 1] + fy * (coarse[f, ch, r + 1, k + 1]
+                                                        - coarse[f, ch, r, k + 1])
+                    buf[f, ch, b, c0 + q] = a + fxs[q] * (z - a)
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
@@ -418,6 +423,33 @@ def sample_coarse(field: NDArray[np.float32], shift: NDArray[np.float32], r0: in
                     b = field[f, ch, yj, xi] + wx * (field[f, ch, yj, xj] - field[f, ch, yj, xi])
                     out[f, ch, r, c] = a + wy * (b - a)
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def blend_i420(frame: NDArray[np.uint8], s: int, y0: int, x0: int, cover: NDArray[np.float32],
+               colour: NDArray[np.float32]) -> None:  # pragma: no cover
+    """Blend a layer (coverage (h, w), YUV colour (3, h, w); even h, w, y0, x0) over one
+    I420 frame (S * S * 3 // 2,) at output pixel (y0, x0); chroma by 2x2 block averages."""
+    sh = s >> 1
+    h = cover.shape[0]
+    w = cover.shape[1]
+    for r in range(h):
+        for c in range(w):
+            i = (y0 + r) * s + x0 + c
+            v = frame[i] * (1.0 - cover[r, c]) + colour[0, r, c] * cover[r, c] + 0.5
+            frame[i] = np.uint8(min(max(v, 0.0), 255.0))
+    for r in range(0, h, 2):
+        for c in range(0, w, 2):
+            k = 0.25 * (cover[r, c] + cover[r, c + 1] + cover[r + 1, c] + cover[r + 1, c + 1])
+            i = ((y0 + r) >> 1) * sh + ((x0 + c) >> 1)
+            for p in range(2):
+                m = 0.25 * (colour[1 + p, r, c] * cover[r, c]
+                            + colour[1 + p, r, c + 1] * cover[r, c + 1]
+                            + colour[1 + p, r + 1, c] * cover[r + 1, c]
+                            + colour[1 + p, r + 1, c + 1] * cover[r + 1, c + 1])
+                at = s * s + p * sh * sh + i
+                v = frame[at] * (1.0 - k) + m + 0.5
+                frame[at] = np.uint8(min(max(v, 0.0), 255.0))
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -444,3 +476,4 @@ def compile_now() -> None:
     blend_fields(np.zeros((1, 1), f32), np.zeros(8, f32), np.array([[0, 2, 0, 2]]),
                  np.zeros(1, np.int64), field)
     sample_coarse(field, field, 0, 2, 0, 2, 1.0, buf)
+    blend_i420(frames[0], 4, 0, 0, np.zeros((2, 2), f32), np.zeros((3, 2, 2), f32))
