@@ -32,9 +32,10 @@ from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UP
 
 MAX_HEAD_RAD: Final = 0.35  # the warp is a small-angle model; past ~20 degrees it smears
 # Output pixels whose source moves less than this (px) this frame show the portrait as is:
-# a tenth of a pixel is invisible, and speech moves the head far less than MAX_HEAD_RAD, so
-# the warp covers ~3/4 of the ROI sized for the largest pose.
-STILL_PX: Final = 0.1
+# a twentieth of a pixel is invisible even on a sharp edge (a level or two), and speech
+# moves the head far less than MAX_HEAD_RAD, so the warp covers ~2/3 of the ROI sized for
+# the largest pose (the moving part of each row, not the box around them).
+STILL_PX: Final = 0.05
 FIXED_POINT_STEPS: Final = 5  # contraction is ~0.3 per step on these fields
 LIP_EDGE_INSET: Final = 1.25  # px at 512: clamp inside the lip, clear of the blurred teeth edge
 LIP_CLAMP_PAD: Final = 10.0  # px at 512 around the lip cut where sources may cross it
@@ -358,7 +359,7 @@ class FaceRenderer:
         total = hd + bs_at
         # Sampling positions at full resolution: upsampling identity+flow in one go (bilinear
         # reproduces the identity exactly).
-        roi_cells = self._moving_cells(total)
+        roi_cells, moving = self._moving_cells(total)
         roi = (roi_cells[0] * st, roi_cells[1] * st, roi_cells[2] * st, roi_cells[3] * st)
         y0, y1, x0, x1 = roi
         coarse = self._id_coarse_ch + total
@@ -467,6 +468,14 @@ class FaceRenderer:
             boxes = [box for box, _, _ in offsets] + [lip_box] + [
                 (ey0 + b[0], ey0 + b[1], ex0 + b[2], ex0 + b[3]) for b in eye_search if b]
             patches = _merged([_aligned(b, st, y1 - y0, x1 - x0) for b in boxes])
+        for a0, a1, b0, b1 in patches:
+            moving[a0 // st:a1 // st, b0 // st:b1 // st] = True
+        # Per output row of the ROI, the columns to warp (between its first and last moving
+        # cells; the rest of the row is still): the head is round, its box is not.
+        any_row = moving.any(axis=1)
+        first = np.where(any_row, moving.argmax(axis=1), 0)
+        last = np.where(any_row, moving.shape[1] - moving[:, ::-1].argmax(axis=1), 0)
+        spans = np.repeat(np.stack([first, last], axis=1).astype(np.int32) * st, st, axis=0)
         for patch in patches:
             self._fill(grid, coarse, (y0, x0), patch)
         for b in eye_search:
@@ -480,7 +489,10 @@ class FaceRenderer:
         # The kernel's positions are in portrait pixels: g * s/2 + (s-1)/2 (so bilinear
         # upsampling commutes with the change of units).
         coarse_px = torch.add(self._px_offset, total, alpha=self._px_scale)
-        return _Geometry(n, roi, grid_hw, patches, coarse_px, eye_box, eye_grid, eye_search,
+        if full:
+            spans[:] = (0, x1 - x0)
+        return _Geometry(n, roi, spans, grid_hw, patches, coarse_px, eye_box, eye_grid,
+                         eye_search,
                          lips, w[:, self._tongue_col].tolist())
 
     def _fill(self, buf: Tensor, coarse: Tensor, origin: tuple[int, int],
@@ -513,18 +525,22 @@ class FaceRenderer:
             out.append((s0, s1, h0 + t0, h0 + t1))
         return out
 
-    def _moving_cells(self, total: Tensor) -> tuple[int, int, int, int]:
-        """This frame's ROI in coarse cells: the mouth and eye boxes, and every cell whose
-        flow (or a neighbour's: upsampling blends them) reaches STILL_PX; within the ROI."""
-        moving = (total.abs().amax(dim=(0, 1)) > self._still)[1:-1, 1:-1]
-        rows = torch.nonzero(moving.any(dim=1)).flatten()
-        cols = torch.nonzero(moving.any(dim=0)).flatten()
+    def _moving_cells(self, total: Tensor) -> tuple[tuple[int, int, int, int],
+                                                    NDArray[np.bool_]]:
+        """This chunk's ROI in coarse cells, and which of its cells to warp: the mouth and
+        eye boxes, and every cell whose flow (or a neighbour's: upsampling blends them)
+        reaches STILL_PX; within the ROI."""
+        padded = (total.abs().amax(dim=(0, 1)) > self._still)[None, None].float()
+        moving = (F.max_pool2d(padded, 3, stride=1)[0, 0] > 0).numpy()  # unpadded cells
         r0, r1, c0, c1 = self._core_cells
-        if len(rows):
-            r0, r1 = min(r0, int(rows[0]) - 1), max(r1, int(rows[-1]) + 2)
-            c0, c1 = min(c0, int(cols[0]) - 1), max(c1, int(cols[-1]) + 2)
+        moving[r0:r1, c0:c1] = True
         s0, s1, t0, t1 = self._roi_cells
-        return max(r0, s0), min(r1, s1), max(c0, t0), min(c1, t1)
+        inside = moving[s0:s1, t0:t1]
+        rows = np.flatnonzero(inside.any(axis=1))
+        cols = np.flatnonzero(inside.any(axis=0))
+        roi = (s0 + int(rows[0]), s0 + int(rows[-1]) + 1, t0 + int(cols[0]),
+               t0 + int(cols[-1]) + 1)
+        return roi, moving[roi[0]:roi[1], roi[2]:roi[3]].copy()
 
     def _shade_rgb(self, geo: _Geometry, out: NDArray[np.uint8]) -> None:
         n, grid_hw = geo.n, geo.grid
@@ -553,7 +569,7 @@ class FaceRenderer:
         # coarse grid, or from the full one in the patches (lips, eyes).
         patches = np.array(geo.patches, dtype=np.int32).reshape(-1, 4)
         frames = out.reshape(n, -1)
-        warp_i420(geo.coarse_px.numpy(), self._step, ry0, ry1, rx0, rx1, patches,
+        warp_i420(geo.coarse_px.numpy(), self._step, ry0, ry1, rx0, rx1, geo.spans, patches,
                   grid_hw.permute(0, 3, 1, 2).numpy(), self._skin_y_pad, self._skin_u_pad,
                   self._skin_v_pad, frames)
         # The layers go over the warped (rounded) skin: rounding twice costs half a level.
@@ -736,16 +752,18 @@ class _Geometry:
     """One chunk's ROI, the coarse grid, the sampling grid at full resolution where it is
     needed (n, H, W, 2), the eye layer's grid and the lip contours."""
 
-    __slots__ = ("n", "roi", "grid", "patches", "coarse_px", "eye_box", "eye_grid",
+    __slots__ = ("n", "roi", "spans", "grid", "patches", "coarse_px", "eye_box", "eye_grid",
                  "eye_search", "lips", "tongue")
 
-    def __init__(self, n: int, roi: tuple[int, int, int, int], grid: Tensor,
+    def __init__(self, n: int, roi: tuple[int, int, int, int], spans: NDArray[np.int32],
+                 grid: Tensor,
                  patches: list[tuple[int, int, int, int]], coarse_px: Tensor,
                  eye_box: tuple[int, int, int, int], eye_grid: Tensor,
                  eye_search: list[tuple[int, int, int, int] | None], lips: Tensor,
                  tongue: list[float]) -> None:
         self.n = n
         self.roi = roi  # (y0, y1, x0, x1) output px: what this chunk renders
+        self.spans = spans  # (H, 2): per ROI row, the columns that move (ROI coordinates)
         self.grid = grid  # over the ROI, filled in the patches only
         self.patches = patches  # disjoint boxes (ROI coordinates, even edges)
         self.coarse_px = coarse_px  # (n, 2, P, P) source positions in portrait px

@@ -24,10 +24,11 @@ def pad_source(plane: NDArray[np.float32]) -> NDArray[np.float32]:
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
 def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: int, x1: int,
-              patches: NDArray[np.int32], grid: NDArray[np.float32],
+              spans: NDArray[np.int32], patches: NDArray[np.int32], grid: NDArray[np.float32],
               skin_y: NDArray[np.float32], skin_u: NDArray[np.float32],
               skin_v: NDArray[np.float32], frames: NDArray[np.uint8]) -> None:  # pragma: no cover
-    """Warp the box [y0, y1) x [x0, x1) of every frame (even y0 and x0).
+    """Warp the box [y0, y1) x [x0, x1) of every frame (even y0 and x0); on row y, only
+    columns x0 + spans[y - y0, 0] to x0 + spans[y - y0, 1] (even; the rest is still).
 
     coarse_px: (n, 2, P, P) source positions in portrait pixels (x, y) on the coarse grid,
     one padding cell each side; output pixel (Y, X) takes them by bilinear upsampling by
@@ -74,6 +75,11 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
         u_plane = frames[f, s * s:]
         v_plane = frames[f, s * s + sh * sh:]
         for yy in range(y0, y1):
+            row = yy - y0
+            xa = spans[row, 0]
+            xb = spans[row, 1]
+            if xb <= xa:
+                continue
             # This row's positions on the coarse columns, then at every output column.
             src = (np.float32(yy) + half) * inv + half
             r = int(np.floor(src))
@@ -83,19 +89,18 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                 row_x[c] = a + fy * (coarse_px[f, 0, r + 1, c + c_lo] - a)
                 b = coarse_px[f, 1, r, c + c_lo]
                 row_y[c] = b + fy * (coarse_px[f, 1, r + 1, c + c_lo] - b)
-            for j in range(width):
+            for j in range(xa, xb):
                 k = cols[j]
                 fx = fracs[j]
                 ixs[j] = min(max(row_x[k] + fx * (row_x[k + 1] - row_x[k]), zero), top)
                 iys[j] = min(max(row_y[k] + fx * (row_y[k + 1] - row_y[k]), zero), top)
-            a = yy - y0
             for p in range(patches.shape[0]):
-                if patches[p, 0] <= a < patches[p, 1]:
-                    for j in range(patches[p, 2], patches[p, 3]):
-                        ixs[j] = min(max(grid[f, 0, a, j] * scale + shift, zero), top)
-                        iys[j] = min(max(grid[f, 1, a, j] * scale + shift, zero), top)
+                if patches[p, 0] <= row < patches[p, 1]:
+                    for j in range(max(patches[p, 2], xa), min(patches[p, 3], xb)):
+                        ixs[j] = min(max(grid[f, 0, row, j] * scale + shift, zero), top)
+                        iys[j] = min(max(grid[f, 1, row, j] * scale + shift, zero), top)
             base = yy * s + x0
-            for j in range(width):
+            for j in range(xa, xb):
                 ix = ixs[j]
                 iy = iys[j]
                 xi = np.int32(ix)
@@ -108,7 +113,7 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                 frame[base + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
             if (yy & 1) == 0:
                 cbase = (yy >> 1) * sh + (x0 >> 1)
-                for j in range(width >> 1):
+                for j in range(xa >> 1, xb >> 1):
                     ix = ixs[2 * j]
                     iy = iys[2 * j]
                     xi = np.int32(ix)
@@ -457,8 +462,8 @@ def compile_now() -> None:
     coarse = np.zeros((1, 2, 4, 4), f32)
     src = pad_source(np.zeros((4, 4), f32))
     frames = np.zeros((1, 24), np.uint8)
-    warp_i420(coarse, 2, 0, 2, 0, 2, np.zeros((1, 4), np.int32), np.zeros((1, 2, 2, 2), f32),
-              src, src, src, frames)
+    warp_i420(coarse, 2, 0, 2, 0, 2, np.zeros((2, 2), np.int32), np.zeros((1, 4), np.int32),
+              np.zeros((1, 2, 2, 2), f32), src, src, src, frames)
     one = np.zeros(1)
     tex = np.zeros((4, 2, 2), f32)
     warm = np.zeros(3, f32)
