@@ -25,7 +25,8 @@ from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, Sessio
 from processors.encode import EncodedPacket, H264Encoder
 from processors.render_kernels import (below_upper_lip, blend_fields, blend_i420, clamp_to_lips,
                                        compile_now, displaced, eyes_i420, mouth_interior,
-                                       pad_source, sample_coarse, upsample_into, warp_i420)
+                                       moving_cells, pad_source, sample_coarse, upsample_into,
+                                       warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -158,6 +159,8 @@ class FaceRenderer:
         self._core_cells = (min(mc[0], self._eye_cells[0]), max(mc[1], self._eye_cells[1]),
                             min(mc[2], self._eye_cells[2]), max(mc[3], self._eye_cells[3]))
         self._still = STILL_PX * 2.0 / s
+        self._core_np = np.array(self._core_cells, dtype=np.int64)
+        self._roi_np = np.array(self._roi_cells, dtype=np.int64)
         self._eye_back = eye_back[None].contiguous(memory_format=torch.channels_last)
         self._eye_masks = torch.cat([r.mask for r in self._eye_regions], dim=1).contiguous()
         # The eyeballs are composited eye by eye, in the part of each half of the eye box
@@ -530,17 +533,9 @@ class FaceRenderer:
         """This chunk's ROI in coarse cells, and which of its cells to warp: the mouth and
         eye boxes, and every cell whose flow (or a neighbour's: upsampling blends them)
         reaches STILL_PX; within the ROI."""
-        padded = (total.abs().amax(dim=(0, 1)) > self._still)[None, None].float()
-        moving = (F.max_pool2d(padded, 3, stride=1)[0, 0] > 0).numpy()  # unpadded cells
-        r0, r1, c0, c1 = self._core_cells
-        moving[r0:r1, c0:c1] = True
-        s0, s1, t0, t1 = self._roi_cells
-        inside = moving[s0:s1, t0:t1]
-        rows = np.flatnonzero(inside.any(axis=1))
-        cols = np.flatnonzero(inside.any(axis=0))
-        roi = (s0 + int(rows[0]), s0 + int(rows[-1]) + 1, t0 + int(cols[0]),
-               t0 + int(cols[-1]) + 1)
-        return roi, moving[roi[0]:roi[1], roi[2]:roi[3]].copy()
+        box, moving = moving_cells(total.numpy(), self._still, self._core_np, self._roi_np)
+        return (int(box[0]), int(box[1]), int(box[2]), int(box[3])), moving
+
 
     def _shade_rgb(self, geo: _Geometry, out: NDArray[np.uint8]) -> None:
         n, grid_hw = geo.n, geo.grid

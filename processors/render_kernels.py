@@ -455,6 +455,42 @@ def blend_i420(frame: NDArray[np.uint8], s: int, y0: int, x0: int, cover: NDArra
                 v = frame[at] * (1.0 - k) + m + 0.5
                 frame[at] = np.uint8(min(max(v, 0.0), 255.0))
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def moving_cells(total: NDArray[np.float32], still: float, core: NDArray[np.int64],
+                 bounds: NDArray[np.int64]) -> tuple[NDArray[np.int64],
+                                                     NDArray[np.bool_]]:  # pragma: no cover
+    """Which coarse cells to warp: those whose flow (total (n, 2, P, P), padded) or a
+    neighbour's exceeds ``still`` in any frame, and the ``core`` box (r0, r1, c0, c1);
+    within ``bounds`` (a box of the unpadded grid). Returns their bounding box and the
+    (unpadded) mask cropped to it."""
+    p = total.shape[2]
+    res = p - 2
+    live = np.zeros((p, p), np.bool_)
+    for f in range(total.shape[0]):
+        for ch in range(2):
+            for r in range(p):
+                for c in range(p):
+                    if abs(total[f, ch, r, c]) > still:
+                        live[r, c] = True
+    moving = np.zeros((res, res), np.bool_)
+    for r in range(res):
+        for c in range(res):
+            # unpadded (r, c) is padded (r + 1, c + 1): its neighbours are padded r..r + 2
+            moving[r, c] = (live[r, c] or live[r, c + 1] or live[r, c + 2] or live[r + 1, c]
+                            or live[r + 1, c + 1] or live[r + 1, c + 2] or live[r + 2, c]
+                            or live[r + 2, c + 1] or live[r + 2, c + 2])
+    moving[core[0]:core[1], core[2]:core[3]] = True
+    box = np.array([bounds[1], bounds[0], bounds[3], bounds[2]], np.int64)
+    for r in range(bounds[0], bounds[1]):
+        for c in range(bounds[2], bounds[3]):
+            if moving[r, c]:
+                box[0] = min(box[0], r)
+                box[1] = max(box[1], r + 1)
+                box[2] = min(box[2], c)
+                box[3] = max(box[3], c + 1)
+    return box, moving[box[0]:box[1], box[2]:box[3]].copy()
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -482,3 +518,4 @@ def compile_now() -> None:
                  np.zeros(1, np.int64), field)
     sample_coarse(field, field, 0, 2, 0, 2, 1.0, buf)
     blend_i420(frames[0], 4, 0, 0, np.zeros((2, 2), f32), np.zeros((3, 2, 2), f32))
+    moving_cells(field, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
