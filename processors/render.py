@@ -24,9 +24,9 @@ from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, Sessio
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
 from processors.render_kernels import (below_upper_lip, blend_fields, blend_i420, clamp_to_lips,
-                                       compile_now, displaced, eyes_i420, mouth_interior,
-                                       moving_cells, pad_source, sample_coarse, upsample_into,
-                                       warp_i420)
+                                       compile_now, displaced, eyes_i420, mouth_box,
+                                       mouth_interior, moving_cells, pad_source, sample_coarse,
+                                       upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -673,35 +673,17 @@ class FaceRenderer:
         """
         half = len(LIP_INNER_UPPER)
         pts = lips.numpy().astype(np.float64)
-        up = pts[:half]
-        lo = pts[half:]
-        x_left, x_right = up[0, 0], up[-1, 0]
-        if x_right - x_left < 2:
+        y0, _, x0, _ = roi
+        box, top, bot = mouth_box(pts, half, *roi, even)
+        ly0, ly1, lx0, lx1 = box.tolist()
+        if ly1 <= ly0:
             return None
-        ou = np.argsort(up[:, 0], kind="stable")
-        ol = np.argsort(lo[:, 0], kind="stable")
-        y0, y1, x0, x1 = roi
-        h, w = y1 - y0, x1 - x0
-        lx0 = max(int(math.floor(x_left)) - x0, 0)
-        lx1 = min(int(math.ceil(x_right)) + 1 - x0, w)
-        if even:
-            lx0, lx1 = lx0 & ~1, min(lx1 + (lx1 & 1), w)
+        x_left, x_right = float(pts[0, 0]), float(pts[half - 1, 0])
         cx = np.arange(lx0 + x0, lx1 + x0, dtype=np.float64)
-        top = np.interp(cx, up[ou, 0], up[ou, 1])
-        bot = np.interp(cx, lo[ol, 0], lo[ol, 1])
-        open_cols = (bot - top > 0.02) & (cx > x_left) & (cx < x_right)
-        if not open_cols.any():
-            return None
-        ly0 = max(int(math.floor(top[open_cols].min())) - 1 - y0, 0)
-        ly1 = min(int(math.ceil(bot[open_cols].max())) + 2 - y0, h)
-        if even:
-            ly0, ly1 = ly0 & ~1, min(ly1 + (ly1 & 1), h)
-        if ly1 <= ly0 or lx1 <= lx0:
-            return None
         ry = np.arange(ly0 + y0, ly1 + y0, dtype=np.float64)[:, None]
         cover = np.empty((len(ry), len(cx)), np.float32)
         colour = np.empty((3, len(ry), len(cx)), np.float32)
-        mouth_interior(cx, np.ascontiguousarray(ry[:, 0]), top, bot, float(x_left), float(x_right),
+        mouth_interior(cx, np.ascontiguousarray(ry[:, 0]), top, bot, x_left, x_right,
                        self._tex_rows_per_px, colours.upper_np, colours.lower_np,
                        colours.dark_np, colours.rim_np, cover, colour)
         if float(cover.max()) <= 0.0:

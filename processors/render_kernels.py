@@ -491,6 +491,55 @@ def moving_cells(total: NDArray[np.float32], still: float, core: NDArray[np.int6
                 box[3] = max(box[3], c + 1)
     return box, moving[box[0]:box[1], box[2]:box[3]].copy()
 
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def mouth_box(pts: NDArray[np.float64], half: int, y0: int, y1: int, x0: int, x1: int,
+              even: bool) -> tuple[NDArray[np.int64], NDArray[np.float64],
+                                   NDArray[np.float64]]:  # pragma: no cover
+    """Where the mouth is open: the box (ly0, ly1, lx0, lx1) relative to the ROI
+    [y0, y1) x [x0, x1) (empty when the lips touch; even edges with ``even``), and the
+    upper and lower lip's inner edge at each of its columns. pts (2 * half, 2): the upper
+    lip's inner contour then the lower's, corner to corner (output px)."""
+    none = np.zeros(4, np.int64)
+    empty = np.zeros(0)
+    up = pts[:half]
+    lo = pts[half:]
+    x_left = up[0, 0]
+    x_right = up[half - 1, 0]
+    if x_right - x_left < 2:
+        return none, empty, empty
+    h = y1 - y0
+    w = x1 - x0
+    lx0 = max(int(np.floor(x_left)) - x0, 0)
+    lx1 = min(int(np.ceil(x_right)) + 1 - x0, w)
+    if even:
+        lx0 = lx0 & ~1
+        lx1 = min(lx1 + (lx1 & 1), w)
+    if lx1 <= lx0:
+        return none, empty, empty
+    cx = np.arange(lx0 + x0, lx1 + x0).astype(np.float64)
+    ou = np.argsort(up[:, 0], kind="mergesort")
+    ol = np.argsort(lo[:, 0], kind="mergesort")
+    top = np.interp(cx, up[ou, 0], up[ou, 1])
+    bot = np.interp(cx, lo[ol, 0], lo[ol, 1])
+    lo_y = np.inf
+    hi_y = -np.inf
+    for j in range(cx.shape[0]):
+        if bot[j] - top[j] > 0.02 and x_left < cx[j] < x_right:
+            lo_y = min(lo_y, top[j])
+            hi_y = max(hi_y, bot[j])
+    if hi_y < lo_y:
+        return none, empty, empty
+    ly0 = max(int(np.floor(lo_y)) - 1 - y0, 0)
+    ly1 = min(int(np.ceil(hi_y)) + 2 - y0, h)
+    if even:
+        ly0 = ly0 & ~1
+        ly1 = min(ly1 + (ly1 & 1), h)
+    if ly1 <= ly0:
+        return none, empty, empty
+    box = np.array([ly0, ly1, lx0, lx1], np.int64)
+    return box, top, bot
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -519,3 +568,4 @@ def compile_now() -> None:
     sample_coarse(field, field, 0, 2, 0, 2, 1.0, buf)
     blend_i420(frames[0], 4, 0, 0, np.zeros((2, 2), f32), np.zeros((3, 2, 2), f32))
     moving_cells(field, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
+    mouth_box(np.zeros((4, 2)), 2, 0, 2, 0, 2, True)
