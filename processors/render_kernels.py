@@ -208,18 +208,25 @@ def upsample_into(coarse: NDArray[np.float32], step: int, oy: int, ox: int, b0: 
         srx = (np.float32(ox + c0 + q) + half) * inv + half
         ks[q] = int(np.floor(srx))
         fxs[q] = srx - np.float32(ks[q])
+    k_lo = ks[0]
+    nk = ks[w - 1] + 2 - k_lo
+    line = np.empty(nk, np.float32)
     for f in range(buf.shape[0]):
         for ch in range(buf.shape[1]):
+            plane = coarse[f, ch]
+            out = buf[f, ch]
             for b in range(b0, b1):
                 src = (np.float32(oy + b) + half) * inv + half
                 r = int(np.floor(src))
                 fy = src - np.float32(r)
+                upper = plane[r]
+                lower = plane[r + 1]
+                for k in range(nk):
+                    line[k] = upper[k_lo + k] + fy * (lower[k_lo + k] - upper[k_lo + k])
+                row = out[b]
                 for q in range(w):
-                    k = ks[q]
-                    a = coarse[f, ch, r, k] + fy * (coarse[f, ch, r + 1, k] - coarse[f, ch, r, k])
-                    z = coarse[f, ch, r, k + 1] + fy * (coarse[f, ch, r + 1, k + 1]
-                                                        - coarse[f, ch, r, k + 1])
-                    buf[f, ch, b, c0 + q] = a + fxs[q] * (z - a)
+                    k = ks[q] - k_lo
+                    row[c0 + q] = line[k] + fxs[q] * (line[k + 1] - line[k])
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
