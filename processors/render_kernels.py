@@ -84,11 +84,15 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
             src = (np.float32(yy) + half) * inv + half
             r = int(np.floor(src))
             fy = src - np.float32(r)
-            for c in range(nc):
-                a = coarse_px[f, 0, r, c + c_lo]
-                row_x[c] = a + fy * (coarse_px[f, 0, r + 1, c + c_lo] - a)
-                b = coarse_px[f, 1, r, c + c_lo]
-                row_y[c] = b + fy * (coarse_px[f, 1, r + 1, c + c_lo] - b)
+            px_upper = coarse_px[f, 0, r]
+            px_lower = coarse_px[f, 0, r + 1]
+            py_upper = coarse_px[f, 1, r]
+            py_lower = coarse_px[f, 1, r + 1]
+            for c in range(cols[xa], cols[xb - 1] + 2):
+                a = px_upper[c + c_lo]
+                row_x[c] = a + fy * (px_lower[c + c_lo] - a)
+                b = py_upper[c + c_lo]
+                row_y[c] = b + fy * (py_lower[c + c_lo] - b)
             for j in range(xa, xb):
                 k = cols[j]
                 fx = fracs[j]
