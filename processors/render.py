@@ -226,12 +226,13 @@ class FaceRenderer:
         self._bg_i420.flags.writeable = False
         # The warp kernel's sources (padded for its border taps) and its positions' units.
         self._skin_y_pad = pad_source(self._skin_y[0, 0].numpy())
-        self._skin_u_pad = pad_source(self._skin_uv[0, 0].numpy())
-        self._skin_v_pad = pad_source(self._skin_uv[0, 1].numpy())
+        self._skin_u_pad = pad_source(self._skin_uv[0, 0, ::2, ::2].numpy())
+        self._skin_v_pad = pad_source(self._skin_uv[0, 1, ::2, ::2].numpy())
         self._alpha_pad = pad_source(self._skin_alpha[0, 0].numpy())
-        self._alpha_box_pad = pad_source(self._alpha_box[0, 0].numpy())
-        self._eye_back_pad = tuple(pad_source(self._eye_back_yuv[0, i].contiguous().numpy())
-                                   for i in range(3))
+        self._alpha_box_pad = pad_source(self._alpha_box[0, 0, ::2, ::2].numpy())
+        eye_planes = self._eye_back_yuv[0].contiguous().numpy()
+        self._eye_back_pad = (pad_source(eye_planes[0]), pad_source(eye_planes[1, ::2, ::2]),
+                              pad_source(eye_planes[2, ::2, ::2]))
         self._px_scale = s / 2.0
         self._px_offset = self._id_coarse_ch * (s / 2.0) + (s - 1) / 2.0
         self._tex_rows_per_px = mouth.px_size / s

@@ -35,7 +35,8 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
     ``step``, as ``F.interpolate(scale_factor=step, align_corners=False)`` does. Except in
     ``patches`` (m, 4) boxes (a0, a1, b0, b1) relative to (y0, x0), where the positions are
     ``grid`` (n, 2, y1 - y0, x1 - x0), normalised as for ``grid_sample``.
-    skin_y, skin_u, skin_v: (S + 1, S + 1) sources from :func:`pad_source`.
+    skin_y (S + 1, S + 1), skin_u, skin_v (S / 2 + 1, S / 2 + 1): sources from
+    :func:`pad_source`, chroma at half size.
     frames: (n, S * S * 3 // 2) I420 frames (Y, then U, then V), written in the box only;
     chroma is sampled at each 2x2 block's top-left pixel.
     """
@@ -68,6 +69,8 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
     fy_ = skin_y.ravel()
     fu = skin_u.ravel()
     fv = skin_v.ravel()
+    cp = skin_u.shape[1]
+    ctop = np.float32(cp - 2)
     scale = np.float32(s) * half
     shift = np.float32(s - 1) * half
     for f in range(n):
@@ -116,20 +119,22 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                 b = fy_[i + sp] + wx * (fy_[i + sp + 1] - fy_[i + sp])
                 frame[base + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
             if (yy & 1) == 0:
+                # A 2x2 block's chroma: the half-size planes (each sample a block's mean) at
+                # the block's top-left pixel's position, halved.
                 cbase = (yy >> 1) * sh + (x0 >> 1)
                 for j in range(xa >> 1, xb >> 1):
-                    ix = ixs[2 * j]
-                    iy = iys[2 * j]
+                    ix = min(ixs[2 * j] * half, ctop)
+                    iy = min(iys[2 * j] * half, ctop)
                     xi = np.int32(ix)
                     yi = np.int32(iy)
                     wx = ix - np.float32(xi)
                     wy = iy - np.float32(yi)
-                    i = yi * sp + xi
+                    i = yi * cp + xi
                     a = fu[i] + wx * (fu[i + 1] - fu[i])
-                    b = fu[i + sp] + wx * (fu[i + sp + 1] - fu[i + sp])
+                    b = fu[i + cp] + wx * (fu[i + cp + 1] - fu[i + cp])
                     u_plane[cbase + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
                     a = fv[i] + wx * (fv[i + 1] - fv[i])
-                    b = fv[i + sp] + wx * (fv[i + sp + 1] - fv[i + sp])
+                    b = fv[i + cp] + wx * (fv[i + cp + 1] - fv[i + cp])
                     v_plane[cbase + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
 
 
@@ -346,8 +351,9 @@ def eyes_i420(grid: NDArray[np.float32], eye_grid: NDArray[np.float32], ey0: int
     grid (n, 2, H, W): the skin's sampling positions over the ROI (top-left (ry0, rx0));
     eye_grid (n, 2, h, w): the eye layer's, over the eye box (top-left (ey0, ex0) in the
     ROI); both normalised as for grid_sample. boxes (m, 4): where to look, eye-box
-    coordinates (even top-left). alpha, alpha_box: the skin's opacity (chroma's box-averaged);
-    back_y, back_u, back_v: the eye layer (all from :func:`pad_source`).
+    coordinates (even top-left). alpha: the skin's opacity, back_y: the eye layer's luma;
+    alpha_box, back_u, back_v: the same for chroma, at half size (all from
+    :func:`pad_source`).
     """
     s = alpha.shape[0] - 1
     sh = s >> 1
@@ -376,13 +382,15 @@ def eyes_i420(grid: NDArray[np.float32], eye_grid: NDArray[np.float32], ey0: int
                         i = yy * s + xx
                         v = frame[i] + (1.0 - a) * _bilinear(back_y, ex, ey) + 0.5
                         frame[i] = np.uint8(min(max(v, 0.0), 255.0))
-                    if chroma:
-                        ac = _bilinear(alpha_box, sx, sy)
+                    if chroma:  # half-size planes, as the warp's chroma
+                        ac = _bilinear(alpha_box, 0.5 * sx, 0.5 * sy)
                         if ac < 1.0:
                             i = (yy >> 1) * sh + (xx >> 1)
-                            v = u_plane[i] + (1.0 - ac) * _bilinear(back_u, ex, ey) + 0.5
+                            v = (u_plane[i] + (1.0 - ac) * _bilinear(back_u, 0.5 * ex, 0.5 * ey)
+                                 + 0.5)
                             u_plane[i] = np.uint8(min(max(v, 0.0), 255.0))
-                            v = v_plane[i] + (1.0 - ac) * _bilinear(back_v, ex, ey) + 0.5
+                            v = (v_plane[i] + (1.0 - ac) * _bilinear(back_v, 0.5 * ex, 0.5 * ey)
+                                 + 0.5)
                             v_plane[i] = np.uint8(min(max(v, 0.0), 255.0))
 
 
@@ -558,8 +566,9 @@ def compile_now() -> None:
     coarse = np.zeros((1, 2, 4, 4), f32)
     src = pad_source(np.zeros((4, 4), f32))
     frames = np.zeros((1, 24), np.uint8)
+    small = pad_source(np.zeros((2, 2), f32))
     warp_i420(coarse, 2, 0, 2, 0, 2, np.zeros((2, 2), np.int32), np.zeros((1, 4), np.int32),
-              np.zeros((1, 2, 2, 2), f32), src, src, src, frames)
+              np.zeros((1, 2, 2, 2), f32), src, small, small, frames)
     one = np.zeros(1)
     tex = np.zeros((4, 2, 2), f32)
     warm = np.zeros(3, f32)
@@ -572,7 +581,8 @@ def compile_now() -> None:
     below_upper_lip(np.zeros((1, 2, 2)), 0, 0, np.zeros((1, 1, 2, 2), f32))
     displaced(np.zeros((1, 2, 2), f32), np.zeros((1, 2, 2, 2), f32), np.zeros(2, np.int64),
               2, 0, 0, 4, 1, np.zeros((1, 2, 2), f32))
-    eyes_i420(buf, buf, 0, 0, np.zeros((1, 4), np.int32), 0, 0, src, src, src, src, src, frames)
+    eyes_i420(buf, buf, 0, 0, np.zeros((1, 4), np.int32), 0, 0, src, small, src, small, small,
+              frames)
     field = np.zeros((1, 2, 2, 2), f32)
     blend_fields(np.zeros((1, 1), f32), np.zeros(8, f32), np.array([[0, 2, 0, 2]]),
                  np.zeros(1, np.int64), field)
