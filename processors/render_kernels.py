@@ -159,6 +159,8 @@ def mouth_interior(cx: NDArray[np.float64], ry: NDArray[np.float64], top: NDArra
     fade = max(0.05 * width, 1.0)
     t_rows = upper.shape[1]
     t_cols = upper.shape[2]
+    low = np.empty(4)
+    upp = np.empty(4)
     for j in range(w):
         x = cx[j]
         inside_x = min(max(min(x - x_left, x_right - x), 0.0), 1.0)
@@ -173,24 +175,26 @@ def mouth_interior(cx: NDArray[np.float64], ry: NDArray[np.float64], top: NDArra
             t = max(t, 0.0)
             b = max(b, 0.0)
             glow = min(max(np.exp(-min(t, b) / fade) * 0.8 + side * 0.5, 0.0), 1.0)
-            a_l = _texel(lower, 3, tx, b * rows_per_px, t_rows, t_cols) / 255.0
-            a_u = _texel(upper, 3, tx, t * rows_per_px, t_rows, t_cols) / 255.0
+            _texels(lower, tx, b * rows_per_px, t_rows, t_cols, low)
+            _texels(upper, tx, t * rows_per_px, t_rows, t_cols, upp)
+            a_l = low[3] / 255.0
+            a_u = upp[3] / 255.0
             for ch in range(3):
                 cav = dark[ch] + (rim[ch] - dark[ch]) * glow
-                v = cav * (1.0 - a_l) + _texel(lower, ch, tx, b * rows_per_px, t_rows, t_cols)
-                inner[ch, i, j] = v * (1.0 - a_u) + _texel(upper, ch, tx, t * rows_per_px,
-                                                            t_rows, t_cols)
+                inner[ch, i, j] = (cav * (1.0 - a_l) + low[ch]) * (1.0 - a_u) + upp[ch]
 
 
 @njit(inline="always", boundscheck=False, fastmath=True)
-def _texel(tex: NDArray[np.float32], ch: int, x: float, y: float, rows: int,
-           cols: int) -> float:  # pragma: no cover
-    """Bilinear at (x, y) texel coordinates, zero outside (grid_sample's zeros padding)."""
+def _texels(tex: NDArray[np.float32], x: float, y: float, rows: int, cols: int,
+            out: NDArray[np.float64]) -> None:  # pragma: no cover
+    """The 4 channels of a (4, rows, cols) texture, bilinear at (x, y) texel coordinates,
+    zero outside (grid_sample's zeros padding)."""
     xi = int(np.floor(x))
     yi = int(np.floor(y))
     wx = x - xi
     wy = y - yi
-    v = 0.0
+    for ch in range(4):
+        out[ch] = 0.0
     for dy in range(2):
         yy = yi + dy
         if yy < 0 or yy >= rows:
@@ -199,8 +203,9 @@ def _texel(tex: NDArray[np.float32], ch: int, x: float, y: float, rows: int,
         for dx in range(2):
             xx = xi + dx
             if 0 <= xx < cols:
-                v += fy * (wx if dx else 1.0 - wx) * tex[ch, yy, xx]
-    return v
+                k = fy * (wx if dx else 1.0 - wx)
+                for ch in range(4):
+                    out[ch] += k * tex[ch, yy, xx]
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
