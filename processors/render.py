@@ -23,10 +23,10 @@ from backbone.records import MotionFrames, SessionControl, VideoChunk
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
-from processors.render_kernels import (below_upper_lip, blend_fields, blend_i420, clamp_to_lips,
+from processors.render_kernels import (below_upper_lip, blend_i420, clamp_to_lips, coarse_flows,
                                        compile_now, displaced, eyes_i420, mouth_box,
-                                       mouth_interior, moving_cells, pad_source, sample_coarse,
-                                       upsample_into, warp_i420)
+                                       mouth_interior, pad_source, sample_coarse, upsample_into,
+                                       warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -160,6 +160,8 @@ class FaceRenderer:
                             min(mc[2], self._eye_cells[2]), max(mc[3], self._eye_cells[3]))
         self._still = STILL_PX * 2.0 / s
         self._core_np = np.array(self._core_cells, dtype=np.int64)
+        self._ident_np = self._id_coarse_ch[0].contiguous().numpy()
+        self._head_fields_np = self._head_fields.reshape(3, 2, res + 2, res + 2).numpy()
         self._roi_np = np.array(self._roi_cells, dtype=np.int64)
         self._eye_back = eye_back[None].contiguous(memory_format=torch.channels_last)
         self._eye_masks = torch.cat([r.mask for r in self._eye_regions], dim=1).contiguous()
@@ -233,8 +235,6 @@ class FaceRenderer:
         eye_planes = self._eye_back_yuv[0].contiguous().numpy()
         self._eye_back_pad = (pad_source(eye_planes[0]), pad_source(eye_planes[1, ::2, ::2]),
                               pad_source(eye_planes[2, ::2, ::2]))
-        self._px_scale = s / 2.0
-        self._px_offset = self._id_coarse_ch * (s / 2.0) + (s - 1) / 2.0
         self._tex_rows_per_px = mouth.px_size / s
         motion = torch.from_numpy(np.ascontiguousarray(mouth.lip_motion))  # (K, 22, 2)
         self._lip_motion = motion[self._bs_rows].reshape(len(self._bs_rows), -1).contiguous()
@@ -345,25 +345,15 @@ class FaceRenderer:
             # ARKit's mouthClose only means "lips together while the jaw is open".
             coeff[:, self._close_col] = torch.minimum(coeff[:, self._close_col],
                                                       coeff[:, self._jaw_col])
-        padded = res + 2
         # Each blendshape's field is nonzero over a part of the face only (a fifth of the
-        # grid on average): summed over those parts, live fields only.
-        coeff = coeff.contiguous()
-        bs = torch.zeros(n, 2, padded, padded)
-        r0, r1, c0, c1 = blend_fields(coeff.numpy(), *self._bs_sparse, bs.numpy()).tolist()
-        hd = (head @ self._head_fields).view(n, 2, padded, padded)
-        # Blendshapes act on the unrotated face, then the head turns: sample the blendshape
-        # flow where the head motion comes from (all on the coarse grid, it is smooth), i.e.
-        # around the blendshapes' box by as far as the head moves.
-        bs_at = torch.zeros(n, 2, padded, padded)
-        if r1 > r0:
-            m = int(math.ceil(float(hd.abs().amax()) * res / 2)) + 1
-            sample_coarse(bs.numpy(), hd.numpy(), max(r0 - m, 0), min(r1 + m, padded),
-                          max(c0 - m, 0), min(c1 + m, padded), res / 2, bs_at.numpy())
-        total = hd + bs_at
-        # Sampling positions at full resolution: upsampling identity+flow in one go (bilinear
-        # reproduces the identity exactly).
-        roi_cells, moving = self._moving_cells(total)
+        # grid on average): summed over those parts, live fields only. Then the cells that
+        # move this chunk (the ROI), in the same pass.
+        hd_np, bs_at_np, total_np, coarse_px_np, box, moving = coarse_flows(
+            coeff.contiguous().numpy(), head.contiguous().numpy(), *self._bs_sparse,
+            self._head_fields_np, self._ident_np, s, self._still, self._core_np, self._roi_np)
+        hd, bs_at = torch.from_numpy(hd_np), torch.from_numpy(bs_at_np)
+        total, coarse_px = torch.from_numpy(total_np), torch.from_numpy(coarse_px_np)
+        roi_cells = (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
         roi = (roi_cells[0] * st, roi_cells[1] * st, roi_cells[2] * st, roi_cells[3] * st)
         y0, y1, x0, x1 = roi
         coarse = self._id_coarse_ch + total
@@ -490,9 +480,6 @@ class FaceRenderer:
         # grid_sample reads the (n, H, W, 2) view as it is: no copy into that layout.
         grid_hw = grid.permute(0, 2, 3, 1)
         self._clamp_to_lips(grid_hw, mouth, lips, roi)
-        # The kernel's positions are in portrait pixels: g * s/2 + (s-1)/2 (so bilinear
-        # upsampling commutes with the change of units).
-        coarse_px = torch.add(self._px_offset, total, alpha=self._px_scale)
         if full:
             spans[:] = (0, x1 - x0)
         return _Geometry(n, roi, spans, grid_hw, patches, coarse_px, eye_box, eye_grid,
@@ -528,15 +515,6 @@ class FaceRenderer:
             t0, t1 = max(rest[2] - m, 0) & ~1, min(rest[3] + m + 1, h1 - h0)
             out.append((s0, s1, h0 + t0, h0 + t1))
         return out
-
-    def _moving_cells(self, total: Tensor) -> tuple[tuple[int, int, int, int],
-                                                    NDArray[np.bool_]]:
-        """This chunk's ROI in coarse cells, and which of its cells to warp: the mouth and
-        eye boxes, and every cell whose flow (or a neighbour's: upsampling blends them)
-        reaches STILL_PX; within the ROI."""
-        box, moving = moving_cells(total.numpy(), self._still, self._core_np, self._roi_np)
-        return (int(box[0]), int(box[1]), int(box[2]), int(box[3])), moving
-
 
     def _shade_rgb(self, geo: _Geometry, out: NDArray[np.uint8]) -> None:
         n, grid_hw = geo.n, geo.grid

@@ -564,6 +564,55 @@ def mouth_box(pts: NDArray[np.float64], half: int, y0: int, y1: int, x0: int, x1
     box = np.array([ly0, ly1, lx0, lx1], np.int64)
     return box, top, bot
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def coarse_flows(coeff: NDArray[np.float32], head: NDArray[np.float32],
+                 data: NDArray[np.float32], boxes: NDArray[np.int64], offsets: NDArray[np.int64],
+                 head_fields: NDArray[np.float32], ident: NDArray[np.float32], size: int,
+                 still: float, core: NDArray[np.int64], bounds: NDArray[np.int64]) -> tuple[
+        NDArray[np.float32], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32],
+        NDArray[np.int64], NDArray[np.bool_]]:  # pragma: no cover
+    """A chunk's motion on the coarse grid (all (n, 2, P, P), normalised units).
+
+    coeff (n, K): blendshape weights for :func:`blend_fields`; head (n, 3): yaw, pitch,
+    roll for head_fields (3, 2, P, P); ident (2, P, P): the grid's own positions.
+    Blendshapes act on the unrotated face, then the head turns: the blendshapes' flow is
+    sampled where the head's flow comes from. Returns the head's flow, the blendshapes'
+    flow so moved, the total, the sampling positions in portrait pixels, and the cells to
+    warp (see :func:`moving_cells`: box and mask).
+    """
+    n = coeff.shape[0]
+    p = ident.shape[1]
+    res = p - 2
+    bs = np.zeros((n, 2, p, p), np.float32)
+    union = blend_fields(coeff, data, boxes, offsets, bs)
+    hd = np.empty((n, 2, p, p), np.float32)
+    reach = 0.0
+    for f in range(n):
+        for ch in range(2):
+            for r in range(p):
+                for c in range(p):
+                    v = (head[f, 0] * head_fields[0, ch, r, c] + head[f, 1] * head_fields[1, ch, r, c]
+                         + head[f, 2] * head_fields[2, ch, r, c])
+                    hd[f, ch, r, c] = v
+                    reach = max(reach, abs(v))
+    bs_at = np.zeros((n, 2, p, p), np.float32)
+    if union[1] > union[0]:
+        m = int(np.ceil(reach * res / 2)) + 1
+        sample_coarse(bs, hd, max(union[0] - m, 0), min(union[1] + m, p), max(union[2] - m, 0),
+                      min(union[3] + m, p), res / 2, bs_at)
+    total = hd + bs_at
+    scale = size / 2.0
+    shift = (size - 1) / 2.0
+    coarse_px = np.empty((n, 2, p, p), np.float32)
+    for f in range(n):
+        for ch in range(2):
+            for r in range(p):
+                for c in range(p):
+                    coarse_px[f, ch, r, c] = (ident[ch, r, c] + total[f, ch, r, c]) * scale + shift
+    box, moving = moving_cells(total, still, core, bounds)
+    return hd, bs_at, total, coarse_px, box, moving
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -595,3 +644,6 @@ def compile_now() -> None:
     blend_i420(frames[0], 4, 0, 0, np.zeros((2, 2), f32), np.zeros((3, 2, 2), f32))
     moving_cells(field, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
     mouth_box(np.zeros((4, 2)), 2, 0, 2, 0, 2, True)
+    coarse_flows(np.zeros((1, 1), f32), np.zeros((1, 3), f32), np.zeros(8, f32),
+                 np.array([[0, 2, 0, 2]]), np.zeros(1, np.int64), np.zeros((3, 2, 4, 4), f32),
+                 np.zeros((2, 4, 4), f32), 8, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
