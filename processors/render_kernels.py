@@ -422,10 +422,12 @@ def blend_fields(coeff: NDArray[np.float32], data: NDArray[np.float32],
             w = c1 - c0
             at = offsets[k]
             for ch in range(2):
+                plane = out[f, ch]
                 for r in range(h):
-                    row = at + (ch * h + r) * w
+                    src = data[at + (ch * h + r) * w:at + (ch * h + r + 1) * w]
+                    dst = plane[r0 + r, c0:c1]
                     for q in range(w):
-                        out[f, ch, r0 + r, c0 + q] += c * data[row + q]
+                        dst[q] += c * src[q]
     return union
 
 
@@ -436,21 +438,37 @@ def sample_coarse(field: NDArray[np.float32], shift: NDArray[np.float32], r0: in
     (bilinear, border), for r0 <= r < r1, c0 <= c < c1 (out is left alone elsewhere)."""
     h = field.shape[2]
     w = field.shape[3]
+    xmax = np.float32(w - 1)
+    ymax = np.float32(h - 1)
+    a32 = np.float32(amp)
+    zero = np.float32(0.0)
     for f in range(field.shape[0]):
+        fx_plane = field[f, 0].ravel()
+        fy_plane = field[f, 1].ravel()
         for r in range(r0, r1):
+            sx_row = shift[f, 0, r]
+            sy_row = shift[f, 1, r]
+            ox_row = out[f, 0, r]
+            oy_row = out[f, 1, r]
             for c in range(c0, c1):
-                x = min(max(c + shift[f, 0, r, c] * amp, 0.0), w - 1.0)
-                y = min(max(r + shift[f, 1, r, c] * amp, 0.0), h - 1.0)
-                xi = int(x)
-                yi = int(y)
+                x = min(max(np.float32(c) + sx_row[c] * a32, zero), xmax)
+                y = min(max(np.float32(r) + sy_row[c] * a32, zero), ymax)
+                xi = np.int32(x)
+                yi = np.int32(y)
                 xj = min(xi + 1, w - 1)
                 yj = min(yi + 1, h - 1)
-                wx = x - xi
-                wy = y - yi
-                for ch in range(2):
-                    a = field[f, ch, yi, xi] + wx * (field[f, ch, yi, xj] - field[f, ch, yi, xi])
-                    b = field[f, ch, yj, xi] + wx * (field[f, ch, yj, xj] - field[f, ch, yj, xi])
-                    out[f, ch, r, c] = a + wy * (b - a)
+                wx = x - np.float32(xi)
+                wy = y - np.float32(yi)
+                i00 = yi * w + xi
+                i01 = yi * w + xj
+                i10 = yj * w + xi
+                i11 = yj * w + xj
+                a = fx_plane[i00] + wx * (fx_plane[i01] - fx_plane[i00])
+                b = fx_plane[i10] + wx * (fx_plane[i11] - fx_plane[i10])
+                ox_row[c] = a + wy * (b - a)
+                a = fy_plane[i00] + wx * (fy_plane[i01] - fy_plane[i00])
+                b = fy_plane[i10] + wx * (fy_plane[i11] - fy_plane[i10])
+                oy_row[c] = a + wy * (b - a)
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
