@@ -62,6 +62,12 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
     nc = cols[width - 1] + 2 - c_lo
     for j in range(width):
         cols[j] -= c_lo
+    # starts[k]: the first output column whose left coarse column is k (width past the end).
+    starts = np.full(nc + 1, width, np.int32)
+    for j in range(width - 1, -1, -1):
+        starts[cols[j]] = j
+    for k in range(nc - 1, -1, -1):
+        starts[k] = min(starts[k], starts[k + 1])
     row_x = np.empty(nc, np.float32)
     row_y = np.empty(nc, np.float32)
     ixs = np.empty(width, np.float32)
@@ -96,11 +102,15 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                 row_x[c] = a + fy * (px_lower[c + c_lo] - a)
                 b = py_upper[c + c_lo]
                 row_y[c] = b + fy * (py_lower[c + c_lo] - b)
-            for j in range(xa, xb):
-                k = cols[j]
-                fx = fracs[j]
-                ixs[j] = min(max(row_x[k] + fx * (row_x[k + 1] - row_x[k]), zero), top)
-                iys[j] = min(max(row_y[k] + fx * (row_y[k + 1] - row_y[k]), zero), top)
+            # Coarse cell by coarse cell: each output column's weight is fixed.
+            for k in range(cols[xa], cols[xb - 1] + 1):
+                ax = row_x[k]
+                dx = row_x[k + 1] - ax
+                ay = row_y[k]
+                dy = row_y[k + 1] - ay
+                for j in range(max(starts[k], xa), min(starts[k + 1], xb)):
+                    ixs[j] = min(max(ax + fracs[j] * dx, zero), top)
+                    iys[j] = min(max(ay + fracs[j] * dy, zero), top)
             for p in range(patches.shape[0]):
                 if patches[p, 0] <= row < patches[p, 1]:
                     for j in range(max(patches[p, 2], xa), min(patches[p, 3], xb)):
