@@ -23,10 +23,10 @@ from backbone.records import MotionFrames, SessionControl, VideoChunk
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
-from processors.render_kernels import (below_upper_lip, blend_i420, clamp_to_lips, coarse_flows,
-                                       compile_now, displaced, eyes_i420, mouth_box,
-                                       mouth_interior, pad_source, sample_coarse, upsample_into,
-                                       warp_i420)
+from processors.render_kernels import (apart_box, below_upper_lip, blend_i420, clamp_to_lips,
+                                       coarse_flows, compile_now, displaced, eyes_i420,
+                                       mouth_box, mouth_interior, pad_source, row_spans,
+                                       sample_coarse, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -356,7 +356,7 @@ class FaceRenderer:
         roi_cells = (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
         roi = (roi_cells[0] * st, roi_cells[1] * st, roi_cells[2] * st, roi_cells[3] * st)
         y0, y1, x0, x1 = roi
-        coarse = self._id_coarse_ch + total
+        coarse = total + self._id_coarse_ch
         # The full-resolution grid only where something is drawn over the plain warp (the
         # lips' cut, the eyes' layer, the mouth interior): the rest of the ROI is warped
         # from the coarse grid directly (processors/render_kernels.py). Filled below.
@@ -400,11 +400,9 @@ class FaceRenderer:
             delta = alt - bs_at[:, :, a0:a1 + 2, b0:b1 + 2]
             # Only where the two sides differ visibly this frame (the box is sized for the
             # widest jaw drop, most frames need a fraction of it).
-            apart = delta.abs().amax(dim=(0, 1))
-            differs = (apart * (s / 2) > 0.02)[1:-1, 1:-1]
-            rows = torch.nonzero(differs.any(dim=1)).flatten()
-            cols = torch.nonzero(differs.any(dim=0)).flatten()
-            if region is not mouth and len(rows) == 0:
+            differs, apart = apart_box(delta.numpy(), 0.02 * 2 / s)
+            d0, d1, e0, e1 = differs.tolist()
+            if region is not mouth and d1 <= d0:
                 region.last_box = (0, 0, 0, 0)
                 continue
             if region is mouth:
@@ -416,16 +414,14 @@ class FaceRenderer:
                 i1 = int(math.ceil((float(lips[..., 1].max()) + pad) / st)) - a0
                 j0 = int(math.floor((float(lips[..., 0].min()) - pad) / st)) - b0
                 j1 = int(math.ceil((float(lips[..., 0].max()) + pad) / st)) - b0
-                if len(rows):
-                    i0, i1 = min(i0, int(rows[0])), max(i1, int(rows[-1]) + 1)
-                    j0, j1 = min(j0, int(cols[0])), max(j1, int(cols[-1]) + 1)
+                if d1 > d0:
+                    i0, i1, j0, j1 = min(i0, d0), max(i1, d1), min(j0, e0), max(j1, e1)
                 i0, i1 = max(i0, 0), min(i1, a1 - a0)
                 j0, j1 = max(j0, 0), min(j1, b1 - b0)
                 if i1 <= i0 or j1 <= j0:  # lips outside their region: never, but be whole
                     i0, i1, j0, j1 = 0, a1 - a0, 0, b1 - b0
             else:
-                i0, i1 = int(rows[0]), int(rows[-1]) + 1
-                j0, j1 = int(cols[0]), int(cols[-1]) + 1
+                i0, i1, j0, j1 = d0, d1, e0, e1
             delta_full = _upsample_padded(delta[:, :, i0:i1 + 2, j0:j1 + 2], st)
             by0, bx0 = (a0 + i0) * st - y0, (b0 + j0) * st - x0
             by1, bx1 = by0 + delta_full.shape[2], bx0 + delta_full.shape[3]
@@ -441,7 +437,7 @@ class FaceRenderer:
                     padding_mode="border", align_corners=False)
             offsets.append(((by0, by1, bx0, bx1), mask, delta_full))
             if region is not mouth:
-                lid_reach = max(lid_reach, float(apart.max()))
+                lid_reach = max(lid_reach, apart)
             region.last_box = (by0, by1, bx0, bx1)
             region.last_mask = mask
         # How far the skin around the eyes moves this frame (px, the head's flow and the
@@ -466,10 +462,7 @@ class FaceRenderer:
             moving[a0 // st:a1 // st, b0 // st:b1 // st] = True
         # Per output row of the ROI, the columns to warp (between its first and last moving
         # cells; the rest of the row is still): the head is round, its box is not.
-        any_row = moving.any(axis=1)
-        first = np.where(any_row, moving.argmax(axis=1), 0)
-        last = np.where(any_row, moving.shape[1] - moving[:, ::-1].argmax(axis=1), 0)
-        spans = np.repeat(np.stack([first, last], axis=1).astype(np.int32) * st, st, axis=0)
+        spans = row_spans(moving, st)
         for patch in patches:
             self._fill(grid, coarse, (y0, x0), patch)
         for b in eye_search:

@@ -641,6 +641,54 @@ def coarse_flows(coeff: NDArray[np.float32], head: NDArray[np.float32],
     box, moving = moving_cells(total, still, core, bounds)
     return hd, bs_at, total, coarse_px, box, moving
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def apart_box(delta: NDArray[np.float32], threshold: float) -> tuple[
+        NDArray[np.int64], float]:  # pragma: no cover
+    """Where a region's two sides differ (delta (n, 2, h, w), one padding cell each side):
+    the box (r0, r1, c0, c1) of interior cells (padding excluded, so cell (0, 0) is
+    delta's (1, 1)) where any |delta| exceeds ``threshold`` (empty: r1 <= r0), and the
+    largest |delta| anywhere."""
+    h = delta.shape[2]
+    w = delta.shape[3]
+    box = np.array([h, 0, w, 0], np.int64)
+    peak = 0.0
+    for f in range(delta.shape[0]):
+        for ch in range(2):
+            plane = delta[f, ch]
+            for r in range(h):
+                row = plane[r]
+                for c in range(w):
+                    v = abs(row[c])
+                    peak = max(peak, v)
+                    if v > threshold and 0 < r < h - 1 and 0 < c < w - 1:
+                        box[0] = min(box[0], r - 1)
+                        box[1] = max(box[1], r)
+                        box[2] = min(box[2], c - 1)
+                        box[3] = max(box[3], c)
+    return box, peak
+
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def row_spans(moving: NDArray[np.bool_], step: int) -> NDArray[np.int32]:  # pragma: no cover
+    """Per output row (step per cell row), the columns (px) from the row's first moving
+    cell to past its last; (0, 0) for a row with none."""
+    h, w = moving.shape
+    spans = np.zeros((h * step, 2), np.int32)
+    for r in range(h):
+        first = -1
+        last = -1
+        for c in range(w):
+            if moving[r, c]:
+                if first < 0:
+                    first = c
+                last = c
+        if first >= 0:
+            for k in range(step):
+                spans[r * step + k, 0] = first * step
+                spans[r * step + k, 1] = (last + 1) * step
+    return spans
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -672,6 +720,8 @@ def compile_now() -> None:
     blend_i420(frames[0], 4, 0, 0, np.zeros((2, 2), f32), np.zeros((3, 2, 2), f32))
     moving_cells(field, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
     mouth_box(np.zeros((4, 2)), 2, 0, 2, 0, 2, True)
+    apart_box(buf, 0.1)
+    row_spans(np.zeros((2, 2), np.bool_), 2)
     coarse_flows(np.zeros((1, 1), f32), np.zeros((1, 3), f32), np.zeros(8, f32),
                  np.array([[0, 2, 0, 2]]), np.zeros(1, np.int64), np.zeros((3, 2, 4, 4), f32),
                  np.zeros((2, 4, 4), f32), 8, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
