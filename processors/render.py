@@ -23,10 +23,10 @@ from backbone.records import MotionFrames, SessionControl, VideoChunk
 from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, SessionState,
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
-from processors.render_kernels import (apart_box, below_upper_lip, blend_i420, clamp_to_lips,
-                                       coarse_flows, compile_now, displaced, eyes_i420,
-                                       mouth_box, mouth_interior, pad_source, row_spans,
-                                       sample_coarse, upsample_into, warp_i420)
+from processors.render_kernels import (add_upsampled, apart_box, below_upper_lip, blend_i420,
+                                       clamp_to_lips, coarse_flows, compile_now, displaced,
+                                       eyes_i420, mouth_box, mouth_interior, pad_source,
+                                       row_spans, sample_coarse, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -422,9 +422,9 @@ class FaceRenderer:
                     i0, i1, j0, j1 = 0, a1 - a0, 0, b1 - b0
             else:
                 i0, i1, j0, j1 = d0, d1, e0, e1
-            delta_full = _upsample_padded(delta[:, :, i0:i1 + 2, j0:j1 + 2], st)
+            block = delta[:, :, i0:i1 + 2, j0:j1 + 2].contiguous()
             by0, bx0 = (a0 + i0) * st - y0, (b0 + j0) * st - x0
-            by1, bx1 = by0 + delta_full.shape[2], bx0 + delta_full.shape[3]
+            by1, bx1 = by0 + (i1 - i0) * st, bx0 + (j1 - j0) * st
             if region is mouth:
                 mask = self._below_upper_lip(lips, by0 + y0, by1 + y0, bx0 + x0, bx1 + x0)
             else:
@@ -435,7 +435,7 @@ class FaceRenderer:
                     self._eye_masks[:, ch:ch + 1].expand(n, -1, -1, -1),
                     eye_grid[:, by0 - ey0:by1 - ey0, bx0 - ex0:bx1 - ex0], mode="bilinear",
                     padding_mode="border", align_corners=False)
-            offsets.append(((by0, by1, bx0, bx1), mask, delta_full))
+            offsets.append(((by0, by1, bx0, bx1), mask, block))
             if region is not mouth:
                 lid_reach = max(lid_reach, apart)
             region.last_box = (by0, by1, bx0, bx1)
@@ -468,8 +468,9 @@ class FaceRenderer:
         for b in eye_search:
             if b and not full:
                 self._fill(eye_buf, head_pos, (ey0 + y0, ex0 + x0), b)
-        for (by0, by1, bx0, bx1), mask, delta_full in offsets:
-            grid[:, :, by0:by1, bx0:bx1].addcmul_(mask, delta_full)
+        for (by0, _, bx0, _), mask, block in offsets:
+            # the region's side where the mask says, its offset upsampled on the way
+            add_upsampled(grid.numpy(), by0, bx0, mask.numpy(), block.numpy(), st)
         # grid_sample reads the (n, H, W, 2) view as it is: no copy into that layout.
         grid_hw = grid.permute(0, 2, 3, 1)
         self._clamp_to_lips(grid_hw, mouth, lips, roi)
@@ -855,15 +856,6 @@ def _moved(field: Tensor, shift: Tensor, res: int) -> Tensor:
     h, w = field.shape[2:]
     sample_coarse(field.contiguous().numpy(), shift.contiguous().numpy(), 0, h, 0, w,
                   res / 2, out.numpy())
-    return out
-
-
-def _upsample_padded(block: Tensor, step: int) -> Tensor:
-    """Upsample a block with one padding cell each side, returning the unpadded interior."""
-    n, c, h, w = block.shape
-    out = torch.empty(n, c, (h - 2) * step, (w - 2) * step)
-    upsample_into(block.contiguous().numpy(), step, 0, 0, 0, out.shape[2], 0, out.shape[3],
-                  out.numpy())
     return out
 
 

@@ -689,6 +689,43 @@ def row_spans(moving: NDArray[np.bool_], step: int) -> NDArray[np.int32]:  # pra
                 spans[r * step + k, 1] = (last + 1) * step
     return spans
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def add_upsampled(buf: NDArray[np.float32], b0: int, c0: int, mask: NDArray[np.float32],
+                  block: NDArray[np.float32], step: int) -> None:  # pragma: no cover
+    """buf[:, :, b0:b0 + h, c0:c0 + w] += mask (n, 1, h, w) x block (n, C, H, W) upsampled
+    by ``step`` (bilinear; block's first and last rows and columns are padding cells, so
+    output pixel (0, 0) lies in its cell (1, 1), as in :func:`upsample_into`)."""
+    inv = np.float32(1.0) / np.float32(step)
+    half = np.float32(0.5)
+    h = mask.shape[2]
+    w = mask.shape[3]
+    ks = np.empty(w, np.int64)
+    fxs = np.empty(w, np.float32)
+    for q in range(w):
+        src = (np.float32(q) + half) * inv + half
+        ks[q] = int(np.floor(src))
+        fxs[q] = src - np.float32(ks[q])
+    line = np.empty(block.shape[3], np.float32)
+    for f in range(buf.shape[0]):
+        weight = mask[f, 0]
+        for ch in range(buf.shape[1]):
+            plane = block[f, ch]
+            out = buf[f, ch]
+            for b in range(h):
+                src = (np.float32(b) + half) * inv + half
+                r = int(np.floor(src))
+                fy = src - np.float32(r)
+                upper = plane[r]
+                lower = plane[r + 1]
+                for k in range(line.shape[0]):
+                    line[k] = upper[k] + fy * (lower[k] - upper[k])
+                row = out[b0 + b]
+                wrow = weight[b]
+                for q in range(w):
+                    k = ks[q]
+                    row[c0 + q] += wrow[q] * (line[k] + fxs[q] * (line[k + 1] - line[k]))
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -721,6 +758,7 @@ def compile_now() -> None:
     moving_cells(field, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
     mouth_box(np.zeros((4, 2)), 2, 0, 2, 0, 2, True)
     apart_box(buf, 0.1)
+    add_upsampled(buf, 0, 0, np.zeros((1, 1, 2, 2), f32), np.zeros((1, 2, 3, 3), f32), 2)
     row_spans(np.zeros((2, 2), np.bool_), 2)
     coarse_flows(np.zeros((1, 1), f32), np.zeros((1, 3), f32), np.zeros(8, f32),
                  np.array([[0, 2, 0, 2]]), np.zeros(1, np.int64), np.zeros((3, 2, 4, 4), f32),
