@@ -26,7 +26,8 @@ from processors.encode import EncodedPacket, H264Encoder
 from processors.render_kernels import (add_upsampled, apart_box, below_upper_lip, blend_i420,
                                        clamp_to_lips, coarse_flows, compile_now, displaced,
                                        eyes_i420, mouth_box, mouth_interior, pad_source,
-                                       row_spans, sample_coarse, upsample_into, warp_i420)
+                                       row_spans, sample_coarse, sample_plane, upsample_into,
+                                       warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -164,7 +165,7 @@ class FaceRenderer:
         self._head_fields_np = self._head_fields.reshape(3, 2, res + 2, res + 2).numpy()
         self._roi_np = np.array(self._roi_cells, dtype=np.int64)
         self._eye_back = eye_back[None].contiguous(memory_format=torch.channels_last)
-        self._eye_masks = torch.cat([r.mask for r in self._eye_regions], dim=1).contiguous()
+        self._eye_masks_pad = [pad_source(r.mask[0, 0].numpy()) for r in self._eye_regions]
         # The eyeballs are composited eye by eye, in the part of each half of the eye box
         # where the skin is see-through this frame (a few hundred pixels, not the box).
         centres = [(r.cells[2] + r.cells[3]) * st / 2 for r in self._eye_regions]
@@ -431,10 +432,9 @@ class FaceRenderer:
                 ch = self._eye_regions.index(region)
                 self._fill(eye_buf, head_pos, (ey0 + y0, ex0 + x0),
                            (by0 - ey0, by1 - ey0, bx0 - ex0, bx1 - ex0))
-                mask = F.grid_sample(
-                    self._eye_masks[:, ch:ch + 1].expand(n, -1, -1, -1),
-                    eye_grid[:, by0 - ey0:by1 - ey0, bx0 - ex0:bx1 - ex0], mode="bilinear",
-                    padding_mode="border", align_corners=False)
+                mask = torch.empty(n, 1, by1 - by0, bx1 - bx0)
+                sample_plane(self._eye_masks_pad[ch], eye_buf.numpy(), by0 - ey0, bx0 - ex0,
+                             mask.numpy())
             offsets.append(((by0, by1, bx0, bx1), mask, block))
             if region is not mouth:
                 lid_reach = max(lid_reach, apart)

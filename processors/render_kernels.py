@@ -727,6 +727,23 @@ def add_upsampled(buf: NDArray[np.float32], b0: int, c0: int, mask: NDArray[np.f
                     k = ks[q]
                     row[c0 + q] += wrow[q] * (line[k] + fxs[q] * (line[k + 1] - line[k]))
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def sample_plane(plane: NDArray[np.float32], grid: NDArray[np.float32], r0: int, c0: int,
+                 out: NDArray[np.float32]) -> None:  # pragma: no cover
+    """out (n, 1, h, w) = a :func:`pad_source` plane sampled (bilinear, border) at the
+    normalised positions grid[:, :, r0:r0 + h, c0:c0 + w] (grid (n, 2, H, W))."""
+    s = plane.shape[0] - 1
+    scale = s * 0.5
+    shift = (s - 1) * 0.5
+    for f in range(out.shape[0]):
+        for b in range(out.shape[2]):
+            gx = grid[f, 0, r0 + b]
+            gy = grid[f, 1, r0 + b]
+            row = out[f, 0, b]
+            for c in range(out.shape[3]):
+                row[c] = _bilinear(plane, gx[c0 + c] * scale + shift, gy[c0 + c] * scale + shift)
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -759,6 +776,7 @@ def compile_now() -> None:
     moving_cells(field, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
     mouth_box(np.zeros((4, 2)), 2, 0, 2, 0, 2, True)
     apart_box(buf, 0.1)
+    sample_plane(src, buf, 0, 0, np.zeros((1, 1, 2, 2), f32))
     add_upsampled(buf, 0, 0, np.zeros((1, 1, 2, 2), f32), np.zeros((1, 2, 3, 3), f32), 2)
     row_spans(np.zeros((2, 2), np.bool_), 2)
     coarse_flows(np.zeros((1, 1), f32), np.zeros((1, 3), f32), np.zeros(8, f32),
