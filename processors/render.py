@@ -732,9 +732,9 @@ class _Interior:
 
     def __init__(self, upper: Tensor, lower: Tensor, dark: Tensor, rim: Tensor,
                  tongue: Tensor) -> None:
-        # As the compiled interior takes them: (T, U, 4) and (3,) float32 arrays.
-        self.upper_np = np.ascontiguousarray(upper[0].permute(1, 2, 0).numpy(), np.float32)
-        self.lower_np = np.ascontiguousarray(lower[0].permute(1, 2, 0).numpy(), np.float32)
+        # As the compiled interior takes them: (4, T, U) and (3,) float32 arrays.
+        self.upper_np = np.ascontiguousarray(upper[0].numpy(), np.float32)
+        self.lower_np = np.ascontiguousarray(lower[0].numpy(), np.float32)
         self.dark_np = np.ascontiguousarray(dark.reshape(3).numpy(), np.float32)
         self.rim_np = np.ascontiguousarray(rim.reshape(3).numpy(), np.float32)
         self.tongue = tongue

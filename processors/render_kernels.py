@@ -157,7 +157,7 @@ def mouth_interior(cx: NDArray[np.float64], ry: NDArray[np.float64], top: NDArra
     """Teeth over a lit cavity between the lips, for a box of pixels.
 
     cx (w,): the box's column centres, ry (h,): its row centres (output px); top, bot (w,):
-    the upper and lower lip's inner edge per column. upper, lower (T, U, 4): the teeth
+    the upper and lower lip's inner edge per column. upper, lower (4, T, U): the teeth
     textures (premultiplied, alpha 0..255), hanging from the upper lip and standing on the
     lower one, ``rows_per_px`` texture rows per output pixel, their columns spread from
     corner to corner. dark, rim (3,): the cavity's colour deep inside and at its rim.
@@ -167,8 +167,8 @@ def mouth_interior(cx: NDArray[np.float64], ry: NDArray[np.float64], top: NDArra
     w = cx.shape[0]
     width = x_right - x_left
     fade = max(0.05 * width, 1.0)
-    t_rows = upper.shape[0]
-    t_cols = upper.shape[1]
+    t_rows = upper.shape[1]
+    t_cols = upper.shape[2]
     low = np.empty(4)
     upp = np.empty(4)
     for j in range(w):
@@ -197,7 +197,7 @@ def mouth_interior(cx: NDArray[np.float64], ry: NDArray[np.float64], top: NDArra
 @njit(inline="always", boundscheck=False, fastmath=True)
 def _texels(tex: NDArray[np.float32], x: float, y: float, rows: int, cols: int,
             out: NDArray[np.float64]) -> None:  # pragma: no cover
-    """The 4 channels of a (rows, cols, 4) texture, bilinear at (x, y) texel coordinates,
+    """The 4 channels of a (4, rows, cols) texture, bilinear at (x, y) texel coordinates,
     zero outside (grid_sample's zeros padding)."""
     xi = int(np.floor(x))
     yi = int(np.floor(y))
@@ -214,9 +214,8 @@ def _texels(tex: NDArray[np.float32], x: float, y: float, rows: int, cols: int,
             xx = xi + dx
             if 0 <= xx < cols:
                 k = fy * (wx if dx else 1.0 - wx)
-                texel = tex[yy, xx]
                 for ch in range(4):
-                    out[ch] += k * texel[ch]
+                    out[ch] += k * tex[ch, yy, xx]
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
@@ -755,7 +754,7 @@ def compile_now() -> None:
     warp_i420(coarse, 2, 0, 2, 0, 2, np.zeros((2, 2), np.int32), np.zeros((1, 4), np.int32),
               np.zeros((1, 2, 2, 2), f32), src, small, small, frames)
     one = np.zeros(1)
-    tex = np.zeros((2, 2, 4), f32)
+    tex = np.zeros((4, 2, 2), f32)
     warm = np.zeros(3, f32)
     mouth_interior(one, one, one, one + 1.0, 0.0, 2.0, 1.0, tex, tex, warm, warm,
                    np.zeros((1, 1), f32), np.zeros((3, 1, 1), f32))
