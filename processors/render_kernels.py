@@ -48,7 +48,6 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
     half = np.float32(0.5)
     zero = np.float32(0.0)
     top = np.float32(s - 1)
-    white = np.float32(255.0)
     width = x1 - x0
     # Per output column: the coarse column to its left and the weight of the one after.
     cols = np.empty(width, np.int32)
@@ -116,6 +115,8 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                     for j in range(max(patches[p, 2], xa), min(patches[p, 3], xb)):
                         ixs[j] = min(max(grid[f, 0, row, j] * scale + shift, zero), top)
                         iys[j] = min(max(grid[f, 1, row, j] * scale + shift, zero), top)
+            # Sources lie in 0..255 and bilinear weights are convex: no clamp before
+            # rounding.
             base = yy * s + x0
             for j in range(xa, xb):
                 ix = ixs[j]
@@ -127,7 +128,7 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                 i = yi * sp + xi
                 a = fy_[i] + wx * (fy_[i + 1] - fy_[i])
                 b = fy_[i + sp] + wx * (fy_[i + sp + 1] - fy_[i + sp])
-                frame[base + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
+                frame[base + j] = np.uint8(a + wy * (b - a) + half)
             if (yy & 1) == 0:
                 # A 2x2 block's chroma: the half-size planes (each sample a block's mean) at
                 # the block's top-left pixel's position, halved.
@@ -142,10 +143,10 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                     i = yi * cp + xi
                     a = fu[i] + wx * (fu[i + 1] - fu[i])
                     b = fu[i + cp] + wx * (fu[i + cp + 1] - fu[i + cp])
-                    u_plane[cbase + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
+                    u_plane[cbase + j] = np.uint8(a + wy * (b - a) + half)
                     a = fv[i] + wx * (fv[i + 1] - fv[i])
                     b = fv[i + cp] + wx * (fv[i + cp + 1] - fv[i + cp])
-                    v_plane[cbase + j] = np.uint8(min(max(a + wy * (b - a) + half, zero), white))
+                    v_plane[cbase + j] = np.uint8(a + wy * (b - a) + half)
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
