@@ -25,9 +25,8 @@ from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, Sessio
 from processors.encode import EncodedPacket, H264Encoder
 from processors.render_kernels import (add_upsampled, apart_box, below_upper_lip, blend_i420,
                                        clamp_to_lips, coarse_flows, compile_now, displaced,
-                                       eyes_i420, mouth_box, mouth_interior, pad_source,
-                                       row_spans, sample_coarse, sample_plane, upsample_into,
-                                       warp_i420)
+                                       eyes_i420, mouth_layer, pad_source, row_spans,
+                                       sample_coarse, sample_plane, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -646,25 +645,20 @@ class FaceRenderer:
         """
         half = len(LIP_INNER_UPPER)
         pts = lips.numpy().astype(np.float64)
-        y0, _, x0, _ = roi
-        box, top, bot = mouth_box(pts, half, *roi, even)
+        box, top, bot, cover, colour = mouth_layer(
+            pts, half, *roi, even, self._tex_rows_per_px, colours.upper_np, colours.lower_np,
+            colours.dark_np, colours.rim_np)
         ly0, ly1, lx0, lx1 = box.tolist()
         if ly1 <= ly0:
             return None
-        x_left, x_right = float(pts[0, 0]), float(pts[half - 1, 0])
-        cx = np.arange(lx0 + x0, lx1 + x0, dtype=np.float64)
-        ry = np.arange(ly0 + y0, ly1 + y0, dtype=np.float64)[:, None]
-        cover = np.empty((len(ry), len(cx)), np.float32)
-        colour = np.empty((3, len(ry), len(cx)), np.float32)
-        mouth_interior(cx, np.ascontiguousarray(ry[:, 0]), top, bot, x_left, x_right,
-                       self._tex_rows_per_px, colours.upper_np, colours.lower_np,
-                       colours.dark_np, colours.rim_np, cover, colour)
-        if float(cover.max()) <= 0.0:
-            return None
         inner = torch.from_numpy(colour)
         if tongue > 0.01:
-            inner = self._tongue_tip(inner, cx, ry, top, bot, x_left, x_right, tongue,
-                                     colours.tongue, colours is self._interior_yuv)
+            y0, _, x0, _ = roi
+            cx = np.arange(lx0 + x0, lx1 + x0, dtype=np.float64)
+            ry = np.arange(ly0 + y0, ly1 + y0, dtype=np.float64)[:, None]
+            inner = self._tongue_tip(inner, cx, ry, top, bot, float(pts[0, 0]),
+                                     float(pts[half - 1, 0]), tongue, colours.tongue,
+                                     colours is self._interior_yuv)
         c = torch.from_numpy(cover)[None]
         return (ly0, ly1, lx0, lx1), c, inner
 

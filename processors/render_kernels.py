@@ -744,6 +744,31 @@ def sample_plane(plane: NDArray[np.float32], grid: NDArray[np.float32], r0: int,
             for c in range(out.shape[3]):
                 row[c] = _bilinear(plane, gx[c0 + c] * scale + shift, gy[c0 + c] * scale + shift)
 
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def mouth_layer(pts: NDArray[np.float64], half: int, y0: int, y1: int, x0: int, x1: int,
+                even: bool, rows_per_px: float, upper: NDArray[np.float32],
+                lower: NDArray[np.float32], dark: NDArray[np.float32],
+                rim: NDArray[np.float32]) -> tuple[
+        NDArray[np.int64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float32],
+        NDArray[np.float32]]:  # pragma: no cover
+    """:func:`mouth_box` then :func:`mouth_interior` over it: the box, the lips' edges per
+    column, the coverage and the colour; an empty box when nothing shows."""
+    box, top, bot = mouth_box(pts, half, y0, y1, x0, x1, even)
+    h = box[1] - box[0]
+    w = box[3] - box[2]
+    cover = np.zeros((max(h, 0), max(w, 0)), np.float32)
+    colour = np.zeros((3, max(h, 0), max(w, 0)), np.float32)
+    if h <= 0:
+        return box, top, bot, cover, colour
+    cx = np.arange(box[2] + x0, box[3] + x0).astype(np.float64)
+    ry = np.arange(box[0] + y0, box[1] + y0).astype(np.float64)
+    mouth_interior(cx, ry, top, bot, pts[0, 0], pts[half - 1, 0], rows_per_px, upper, lower,
+                   dark, rim, cover, colour)
+    if cover.max() <= 0.0:
+        box[:] = 0
+    return box, top, bot, cover, colour
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -775,6 +800,7 @@ def compile_now() -> None:
     blend_i420(frames[0], 4, 0, 0, np.zeros((2, 2), f32), np.zeros((3, 2, 2), f32))
     moving_cells(field, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))
     mouth_box(np.zeros((4, 2)), 2, 0, 2, 0, 2, True)
+    mouth_layer(np.zeros((4, 2)), 2, 0, 2, 0, 2, True, 1.0, tex, tex, warm, warm)
     apart_box(buf, 0.1)
     sample_plane(src, buf, 0, 0, np.zeros((1, 1, 2, 2), f32))
     add_upsampled(buf, 0, 0, np.zeros((1, 1, 2, 2), f32), np.zeros((1, 2, 3, 3), f32), 2)
