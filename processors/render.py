@@ -319,9 +319,12 @@ class FaceRenderer:
             raise ValueError(f"weights must be (N, {len(BLENDSHAPES)}), got {w.shape}")
         if h.shape != (w.shape[0], 3):
             raise ValueError(f"head must be (N, 3), got {h.shape}")
-        w = np.clip(np.nan_to_num(w, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-        h = np.clip(np.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0), -MAX_HEAD_RAD,
-                    MAX_HEAD_RAD)
+        if not np.isfinite(w).all():
+            w = np.nan_to_num(w, nan=0.0, posinf=1.0, neginf=0.0)
+        if not np.isfinite(h).all():
+            h = np.nan_to_num(h, nan=0.0, posinf=0.0, neginf=0.0)
+        w = np.clip(w, 0.0, 1.0)
+        h = np.clip(h, -MAX_HEAD_RAD, MAX_HEAD_RAD)
         return w, h
 
     def _in_chunks(self, w: NDArray[np.float32], h: NDArray[np.float32],
@@ -348,20 +351,17 @@ class FaceRenderer:
         # Each blendshape's field is nonzero over a part of the face only (a fifth of the
         # grid on average): summed over those parts, live fields only. Then the cells that
         # move this chunk (the ROI), in the same pass.
-        hd_np, bs_at_np, total_np, coarse_px_np, box, moving = coarse_flows(
+        *flows_np, box, moving = coarse_flows(
             coeff.contiguous().numpy(), head.contiguous().numpy(), *self._bs_sparse,
             self._head_fields_np, self._ident_np, s, self._still, self._core_np, self._roi_np)
-        hd, bs_at = torch.from_numpy(hd_np), torch.from_numpy(bs_at_np)
-        total, coarse_px = torch.from_numpy(total_np), torch.from_numpy(coarse_px_np)
+        hd, bs_at, total, coarse, head_pos, coarse_px = (torch.from_numpy(a) for a in flows_np)
         roi_cells = (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
         roi = (roi_cells[0] * st, roi_cells[1] * st, roi_cells[2] * st, roi_cells[3] * st)
         y0, y1, x0, x1 = roi
-        coarse = total + self._id_coarse_ch
         # The full-resolution grid only where something is drawn over the plain warp (the
         # lips' cut, the eyes' layer, the mouth interior): the rest of the ROI is warped
         # from the coarse grid directly (processors/render_kernels.py). Filled below.
         grid = torch.empty(n, 2, y1 - y0, x1 - x0)
-        head_pos = self._id_coarse_ch + hd
         # The cut between the lips: each lip where its own field puts it (so the cut matches
         # the warped lips exactly), the corners as designed (carried along by the head):
         # the smooth fields round a corner off, the design keeps it sharp.

@@ -600,15 +600,16 @@ def coarse_flows(coeff: NDArray[np.float32], head: NDArray[np.float32],
                  head_fields: NDArray[np.float32], ident: NDArray[np.float32], size: int,
                  still: float, core: NDArray[np.int64], bounds: NDArray[np.int64]) -> tuple[
         NDArray[np.float32], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32],
-        NDArray[np.int64], NDArray[np.bool_]]:  # pragma: no cover
+        NDArray[np.float32], NDArray[np.float32], NDArray[np.int64],
+        NDArray[np.bool_]]:  # pragma: no cover
     """A chunk's motion on the coarse grid (all (n, 2, P, P), normalised units).
 
     coeff (n, K): blendshape weights for :func:`blend_fields`; head (n, 3): yaw, pitch,
     roll for head_fields (3, 2, P, P); ident (2, P, P): the grid's own positions.
     Blendshapes act on the unrotated face, then the head turns: the blendshapes' flow is
     sampled where the head's flow comes from. Returns the head's flow, the blendshapes'
-    flow so moved, the total, the sampling positions in portrait pixels, and the cells to
-    warp (see :func:`moving_cells`: box and mask).
+    flow so moved, the total, the sampling positions (normalised, then the head's alone,
+    then in portrait pixels), and the cells to warp (:func:`moving_cells`: box, mask).
     """
     n = coeff.shape[0]
     p = ident.shape[1]
@@ -633,14 +634,19 @@ def coarse_flows(coeff: NDArray[np.float32], head: NDArray[np.float32],
     total = hd + bs_at
     scale = size / 2.0
     shift = (size - 1) / 2.0
+    coarse = np.empty((n, 2, p, p), np.float32)
+    head_pos = np.empty((n, 2, p, p), np.float32)
     coarse_px = np.empty((n, 2, p, p), np.float32)
     for f in range(n):
         for ch in range(2):
             for r in range(p):
                 for c in range(p):
-                    coarse_px[f, ch, r, c] = (ident[ch, r, c] + total[f, ch, r, c]) * scale + shift
+                    g = ident[ch, r, c] + total[f, ch, r, c]
+                    coarse[f, ch, r, c] = g
+                    head_pos[f, ch, r, c] = ident[ch, r, c] + hd[f, ch, r, c]
+                    coarse_px[f, ch, r, c] = g * scale + shift
     box, moving = moving_cells(total, still, core, bounds)
-    return hd, bs_at, total, coarse_px, box, moving
+    return hd, bs_at, total, coarse, head_pos, coarse_px, box, moving
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
