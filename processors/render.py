@@ -24,8 +24,8 @@ from backbone.stage import (BaseStage, Inbound, Outbound, RecordRejected, Sessio
                             remember_control, session_config)
 from processors.encode import EncodedPacket, H264Encoder
 from processors.render_kernels import (add_upsampled, apart_box, below_upper_lip, blend_i420,
-                                       clamp_to_lips, coarse_flows, compile_now, displaced,
-                                       eyes_i420, mouth_layer, pad_source, row_spans,
+                                       clamp_to_lips, coarse_flows, compile_now, eyes_i420,
+                                       lip_contour, mouth_layer, pad_source, row_spans,
                                        sample_coarse, sample_plane, upsample_into, warp_i420)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
@@ -246,6 +246,10 @@ class FaceRenderer:
         own = torch.tensor([1] * half + [2] * half)
         self._lip_pick = torch.cat([torch.zeros(2 * half, dtype=torch.long), own])
         self._lip_pick_np = self._lip_pick.numpy().astype(np.int64)
+        self._lip_designed_np = self._lip_designed.numpy().copy()
+        self._lip_rest_np = self._lip_rest.numpy().copy()
+        self._lip_motion_np = self._lip_motion.numpy().copy()
+        self._mouth_fields_np = self._mouth.fields.numpy().copy()
         self._edge_up_np = self._edge_up.numpy()
         self._edge_lo_np = self._edge_lo.numpy()
 
@@ -365,18 +369,14 @@ class FaceRenderer:
         # The cut between the lips: each lip where its own field puts it (so the cut matches
         # the warped lips exactly), the corners as designed (carried along by the head):
         # the smooth fields round a corner off, the design keeps it sharp.
-        lips_rest = self._lip_rest + (coeff @ self._lip_motion).view(n, -1, 2) * (s / 2.0)
         mouth = self._mouth
         m0, m1, n0, n1 = mouth.cells
-        alt_m = (coeff @ mouth.fields).view(n, 2, *mouth.padded_shape)
-        alt_m = hd[:, :, m0:m1 + 2, n0:n1 + 2] + _moved(alt_m, hd[:, :, m0:m1 + 2, n0:n1 + 2],
-                                                        res)
-        # Three flows over the mouth's box (head only, upper lip's side, lower lip's side),
-        # so all 22 points are solved together.
-        box = np.s_[:, :, m0:m1 + 2, n0:n1 + 2]
-        flows = torch.cat([hd[box], total[box], alt_m], dim=1)
-        start = torch.cat([lips_rest, self._lip_rest.expand(n, -1, -1)], dim=1)
-        lips = self._displaced(start, flows, (m0 - 1, n0 - 1))
+        ph, pw = mouth.padded_shape
+        lips_np, alt_np = lip_contour(
+            coeff.contiguous().numpy(), self._lip_rest_np, self._lip_motion_np,
+            self._mouth_fields_np, flows_np[0], flows_np[2], m0, n0, ph, pw, s, st,
+            self._lip_pick_np, self._lip_designed_np, FIXED_POINT_STEPS)
+        lips, alt_m = torch.from_numpy(lips_np), torch.from_numpy(alt_np)
         # The eye layer (eyeballs, and each eye's side mask) only follows the head: its
         # sampling grid over a box holding both eyes.
         eye_box = (self._eye_cells[0] * st - y0, self._eye_cells[1] * st - y0,
@@ -583,24 +583,6 @@ class FaceRenderer:
             out.append(((ey0 + r0, ey0 + r1, ex0 + h0 + c0, ex0 + h0 + c1),
                         alpha[:, :, r0 - s0:r1 - s0, c0 - t0:c1 - t0], back))
         return out
-
-    def _displaced(self, pts: Tensor, flows: Tensor, origin: tuple[int, int]) -> Tensor:
-        """Where the warp shows the lip contour: solve q + flow(q) = p by iteration.
-
-        ``pts`` (n, 44, 2) holds the designed contour (22 points) then the resting contour;
-        ``flows`` (n, 6, h, w) the head-only, upper-lip-side and lower-lip-side flows over a
-        block of the padded coarse grid whose cell (0, 0) is coarse cell ``origin``.
-        The corners move as designed and only follow the head; the other points use their
-        own lip's field, so the cut matches the warped lips.
-        """
-        half = len(LIP_INNER_UPPER)
-        q = torch.empty(pts.shape)
-        displaced(pts.contiguous().numpy(), flows.contiguous().numpy(), self._lip_pick_np,
-                  self._step, origin[0], origin[1], self._size, FIXED_POINT_STEPS, q.numpy())
-        designed = q[:, :2 * half]
-        own = q[:, 2 * half:]
-        keep = self._lip_designed  # corners: designed; the rest: own field
-        return torch.where(keep[None, :, None], designed, own)
 
     def _below_upper_lip(self, lips: Tensor, y0: int, y1: int, x0: int, x1: int) -> Tensor:
         """The mouth's second side for output pixels in a box: below the upper lip's edge.

@@ -775,6 +775,64 @@ def mouth_layer(pts: NDArray[np.float64], half: int, y0: int, y1: int, x0: int, 
         box[:] = 0
     return box, top, bot, cover, colour
 
+
+@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+def lip_contour(coeff: NDArray[np.float32], lip_rest: NDArray[np.float32],
+                lip_motion: NDArray[np.float32], mouth_fields: NDArray[np.float32],
+                hd: NDArray[np.float32], total: NDArray[np.float32], m0: int, n0: int, ph: int,
+                pw: int, size: int, step: int, pick: NDArray[np.int64],
+                designed: NDArray[np.bool_], steps: int) -> tuple[
+        NDArray[np.float32], NDArray[np.float32]]:  # pragma: no cover
+    """Where the warp shows the lips' inner contour this chunk, and the mouth region's
+    lower-lip-side flow.
+
+    coeff (n, K) weights; lip_rest (m, 2) the contour at rest and lip_motion (K, 2m) how
+    each blendshape moves it (normalised); mouth_fields (K, 2 * ph * pw): the lower lip's
+    side of the mouth region, a block of the padded coarse grid at (m0, n0); hd, total
+    (n, 2, P, P) the head's and the whole flow. The designed contour follows the head only;
+    the resting one each lip's own side (upper: the whole flow; lower: the region's), and
+    the corners (``designed``) keep the design. Returns (n, m, 2) px and (n, 2, ph, pw).
+    """
+    n = coeff.shape[0]
+    k_count = coeff.shape[1]
+    m = lip_rest.shape[0]
+    amp = size / 2.0
+    res = hd.shape[2] - 2
+    raw = np.zeros((n, 2 * ph * pw), np.float32)
+    moves = np.zeros((n, 2 * m), np.float32)
+    for f in range(n):
+        for k in range(k_count):
+            c = coeff[f, k]
+            if c == 0.0:
+                continue
+            for q in range(2 * ph * pw):
+                raw[f, q] += c * mouth_fields[k, q]
+            for q in range(2 * m):
+                moves[f, q] += c * lip_motion[k, q]
+    head = np.ascontiguousarray(hd[:, :, m0:m0 + ph, n0:n0 + pw])
+    moved = np.empty((n, 2, ph, pw), np.float32)
+    sample_coarse(raw.reshape(n, 2, ph, pw), head, 0, ph, 0, pw, res / 2, moved)
+    flows = np.empty((n, 6, ph, pw), np.float32)
+    flows[:, 0:2] = head
+    flows[:, 2:4] = total[:, :, m0:m0 + ph, n0:n0 + pw]
+    flows[:, 4:6] = head + moved
+    start = np.empty((n, 2 * m, 2), np.float32)
+    for f in range(n):
+        for i in range(m):
+            start[f, i, 0] = lip_rest[i, 0] + moves[f, 2 * i] * amp
+            start[f, i, 1] = lip_rest[i, 1] + moves[f, 2 * i + 1] * amp
+            start[f, m + i, 0] = lip_rest[i, 0]
+            start[f, m + i, 1] = lip_rest[i, 1]
+    solved = np.empty((n, 2 * m, 2), np.float32)
+    displaced(start, flows, pick, step, m0 - 1, n0 - 1, size, steps, solved)
+    lips = np.empty((n, m, 2), np.float32)
+    for f in range(n):
+        for i in range(m):
+            src = i if designed[i] else m + i
+            lips[f, i, 0] = solved[f, src, 0]
+            lips[f, i, 1] = solved[f, src, 1]
+    return lips, np.ascontiguousarray(flows[:, 4:6])
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -808,6 +866,9 @@ def compile_now() -> None:
     mouth_box(np.zeros((4, 2)), 2, 0, 2, 0, 2, True)
     mouth_layer(np.zeros((4, 2)), 2, 0, 2, 0, 2, True, 1.0, tex, tex, warm, warm)
     apart_box(buf, 0.1)
+    lip_contour(np.zeros((1, 1), f32), np.zeros((2, 2), f32), np.zeros((1, 4), f32),
+                np.zeros((1, 8), f32), coarse, coarse, 0, 0, 2, 2, 8, 2, np.zeros(4, np.int64),
+                np.zeros(2, np.bool_), 1)
     sample_plane(src, buf, 0, 0, np.zeros((1, 1, 2, 2), f32))
     add_upsampled(buf, 0, 0, np.zeros((1, 1, 2, 2), f32), np.zeros((1, 2, 3, 3), f32), 2)
     row_spans(np.zeros((2, 2), np.bool_), 2)
