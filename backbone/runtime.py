@@ -26,7 +26,7 @@ from backbone.integrity import GENESIS
 from backbone.plausibility import implausible
 from backbone.records import ChainHead, DeadLetter, IntegrityCheckpoint, RecordValue, SessionControl
 from backbone.settings import Settings
-from backbone.stage import Inbound, Outbound, RecordRejected, SessionState, Stage
+from backbone.stage import BatchStage, Inbound, Outbound, RecordRejected, SessionState, Stage
 from backbone.topics import TOPICS, state_topic
 from backbone.tracing import RecordHeaders, child_traceparent, new_traceparent, now_ms
 
@@ -41,6 +41,19 @@ AUDIT_INTERVAL_MS = 2000
 class StageFailed(RuntimeError):
     """The runtime can no longer work (a delivery failed, a fatal bus error): the process
     must exit without committing, so a restart replays from the last checkpoint."""
+
+
+@dataclass
+class _Admitted:
+    """A record that passed the runtime's checks, on its way through the stage."""
+
+    msg: Message
+    hdr: RecordHeaders
+    session: str
+    state: SessionState
+    tp_key: str
+    dedupe_key: str
+    inbound: Inbound
 
 
 @dataclass
@@ -87,6 +100,7 @@ class StageRunner:
         self._started = False
         self._lag_due = 0.0
         self.processed = 0
+        self._budget: int | None = None  # records left under run(max_records=...)
         # Live stages with a clock (tts pacing, animate idle frames) get `tick` calls.
         self._ticks = settings.live and callable(getattr(stage, "tick", None))
         if hasattr(stage, "live"):
@@ -159,6 +173,7 @@ class StageRunner:
                     break
                 if max_records is not None and self.processed >= max_records:
                     break
+                self._budget = None if max_records is None else max_records - self.processed
         finally:
             self.close()
 
@@ -170,7 +185,7 @@ class StageRunner:
             timeout_s = max(0.0, min(timeout_s, self._tick_due - time.monotonic()))
         msg = self.consumer.poll(timeout_s)
         if msg is not None:
-            self._handle(msg)
+            self._handle_polled(msg)
         elif self._ticks and time.monotonic() >= self._tick_due:
             # Only when caught up: a stage catching up on a backlog must see the records
             # before its clock moves on without them (idle frames past unread speech).
@@ -201,9 +216,72 @@ class StageRunner:
 
     # ---- records -----------------------------------------------------------------------
 
+    def _handle_polled(self, msg: Message) -> None:
+        """A polled record, and with a stage that takes batches (``batch_max`` > 1), the
+        records already fetched behind it, up to that many: one call for all of them (the
+        render stage warps every session's frames together). A control record ends a batch
+        and is handled on its own, after it."""
+        limit = int(getattr(self.stage, "batch_max", 1))
+        if self._budget is not None:
+            limit = min(limit, max(self._budget, 1))
+        if limit <= 1 or self._is_control(msg):
+            self._handle(msg)
+            return
+        batch = [msg]
+        control: Message | None = None
+        while len(batch) < limit:
+            more = self.consumer.poll(0)
+            if more is None:
+                break
+            if self._is_control(more):
+                control = more
+                break
+            batch.append(more)
+        self._handle_batch(batch)
+        if control is not None:
+            self._handle(control)
+
+    def _is_control(self, msg: Message) -> bool:
+        return self._logical.get(msg.topic, msg.topic) == "session.control"
+
     def _handle(self, msg: Message, ahead: bool = False) -> None:
         """Apply one record. `ahead`: a control record read before the consumer reached it
         (it must not move the partition's commit position past other sessions' records)."""
+        admitted = self._admit(msg, ahead)
+        if admitted is not None:
+            self._run_one(admitted)
+
+    def _handle_batch(self, msgs: list[Message]) -> None:
+        admitted = [a for a in (self._admit(m) for m in msgs) if a is not None]
+        if len(admitted) <= 1:
+            for a in admitted:
+                self._run_one(a)
+            return
+        t0 = time.perf_counter()
+        stage = self.stage
+        assert isinstance(stage, BatchStage)
+        try:
+            results = stage.process_batch([(a.inbound, a.state) for a in admitted])
+        except StageFailed:
+            raise
+        except Exception:
+            # A batch that fails as a whole: each record on its own, so only a bad one
+            # is dead-lettered.
+            for a in admitted:
+                self._run_one(a)
+            return
+        each = (time.perf_counter() - t0) / len(admitted)
+        for a, result in zip(admitted, results):
+            if isinstance(result, RecordRejected):
+                self._dead_letter(a.msg, a.hdr, result.category, str(result))
+            else:
+                for out in result:
+                    self._emit(out, a.session, a.state, a.inbound)
+            metrics.PROCESS_SECONDS.labels(self.name).observe(each)
+            self._finish(a)
+
+    def _admit(self, msg: Message, ahead: bool = False) -> _Admitted | None:
+        """Decode and check one record; None when it was dead-lettered or a duplicate."""
         logical = self._logical.get(msg.topic, msg.topic)
         if not ahead:
             metrics.RECORDS_IN.labels(self.name, logical).inc()
@@ -214,10 +292,10 @@ class StageRunner:
         if msg.value is not None and len(msg.value) > self.settings.max_record_bytes:
             self._dead_letter(msg, hdr, "oversized", f"{len(msg.value)} bytes exceeds the "
                               f"{self.settings.max_record_bytes}-byte limit")
-            return
+            return None
         if not session:
             self._dead_letter(msg, hdr, "invalid", "record has no session key")
-            return
+            return None
         body = msg.value
         if sealing.is_sealed(body):
             assert body is not None
@@ -225,32 +303,32 @@ class StageRunner:
                 body = sealing.unseal(self.keys.key(session), session, logical, body)
             except sealing.SealedError as exc:
                 self._dead_letter(msg, hdr, "sealed", str(exc))
-                return
+                return None
         try:
             assert self._codec is not None
             value = self._codec.decode(body, self._schemas[logical])
         except DecodeError as exc:
             self._dead_letter(msg, hdr, exc.category, exc.reason)
-            return
+            return None
         if getattr(value, "session_id", session) != session:
             self._dead_letter(msg, hdr, "invalid", f"key {session!r} differs from the record's "
                               f"session_id {getattr(value, 'session_id', '')!r}")
-            return
+            return None
         why = implausible(value)  # valid Avro, impossible values (NaN, a rate of zero)
         if why is not None:
             self._dead_letter(msg, hdr, "invalid", why)
-            return
+            return None
         state = self._state_for(session, msg.partition)
         tp_key = f"{logical}:{msg.partition}"
         if state.applied.get(tp_key, -1) >= msg.offset:
             metrics.DUPLICATES.labels(self.name, logical).inc()
-            return
+            return None
         dedupe_key = f"{logical}|{hdr.stage}"
         if hdr.seq >= 0 and hdr.seq <= state.last_seq.get(dedupe_key, -1):
             metrics.DUPLICATES.labels(self.name, logical).inc()
             state.applied[tp_key] = msg.offset
             self._dirty.add(session)
-            return
+            return None
         is_control = isinstance(value, SessionControl)
         if is_control:
             state.controls_read = True
@@ -260,9 +338,13 @@ class StageRunner:
         if state.ended and not is_control:
             self._dead_letter(msg, hdr, "unknown_session", f"session {session} has ended")
             self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
-            return
+            return None
         inbound = Inbound(logical, session, value, hdr.seq, hdr.event_time_ms or msg.timestamp_ms,
                           hdr.traceparent, hdr.stage, hdr.model_version, msg.offset)
+        return _Admitted(msg, hdr, session, state, tp_key, dedupe_key, inbound)
+
+    def _run_one(self, a: _Admitted) -> None:
+        msg, hdr, session, state, inbound = a.msg, a.hdr, a.session, a.state, a.inbound
         t0 = time.perf_counter()
         try:
             # Each output is produced as soon as the stage yields it, so a generator stage
@@ -278,10 +360,14 @@ class StageRunner:
                                             "error": traceback.format_exc(limit=5)})
             self._dead_letter(msg, hdr, "stage_error", f"{type(exc).__name__}: {exc}")
         metrics.PROCESS_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
+        self._finish(a)
+
+    def _finish(self, a: _Admitted) -> None:
+        value = a.inbound.value
         if isinstance(value, SessionControl) and value.action == "END":
-            state.ended = True
-            self._audit(session, state, inbound)  # the final heads of an ended session
-        self._mark_applied(state, tp_key, msg, dedupe_key, hdr)
+            a.state.ended = True
+            self._audit(a.session, a.state, a.inbound)  # the final heads of an ended session
+        self._mark_applied(a.state, a.tp_key, a.msg, a.dedupe_key, a.hdr)
 
     def _tick(self) -> None:
         self._tick_due = time.monotonic() + self.settings.tick_ms / 1000

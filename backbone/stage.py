@@ -4,7 +4,7 @@ the bus. `backbone.runtime` runs it on Kafka or the embedded bus; `backbone.harn
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from backbone.records import RecordValue, SessionConfig, SessionControl
 
@@ -94,6 +94,19 @@ class Stage(Protocol):
     def process(self, record: Inbound, state: SessionState) -> Iterable[Outbound]: ...
 
     def stop(self) -> None: ...
+
+
+@runtime_checkable
+class BatchStage(Stage, Protocol):
+    """A stage that gains from seeing several records at once (the render stage warps the
+    frames of every session in one call). The runtime hands it up to ``batch_max`` records
+    already fetched, never a control record among others; per record, in order, the
+    outputs or the RecordRejected that `process` would have raised."""
+
+    batch_max: int
+
+    def process_batch(self, items: Sequence[tuple[Inbound, SessionState]]) -> list[
+            list[Outbound] | RecordRejected]: ...
 
 
 class ClockedStage(Stage, Protocol):

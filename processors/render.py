@@ -877,6 +877,9 @@ class RenderStage(BaseStage):
 
     name = "render"
     inputs: tuple[str, ...] = ("session.control", "motion")
+    # Records the runtime may hand over at once (see process_batch): a poll's worth of
+    # motion from several sessions, warped together.
+    batch_max = 8
 
     def __init__(self) -> None:
         self.model_version = "warp-1"
@@ -926,7 +929,8 @@ class RenderStage(BaseStage):
         costs ~4/5 of two calls of 2 on one core). Per item, in order: its outputs, or the
         RecordRejected that ``process`` would have raised (dead-letter it). Records of one
         session must come in their order; a session's records may repeat (their frames are
-        rendered in turn). The runtime does not call this yet (it hands one record at a time).
+        rendered in turn). The runtime calls it with the records already fetched behind the
+        one it polled (backbone/runtime.py, BatchStage).
         """
         results: list[list[Outbound] | RecordRejected] = [[] for _ in items]
         jobs: list[tuple[int, _Job]] = []

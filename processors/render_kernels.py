@@ -353,7 +353,8 @@ def _bilinear(plane: NDArray[np.float32], x: float, y: float) -> float:  # pragm
     wy = y - yi
     a = plane[yi, xi] + wx * (plane[yi, xi + 1] - plane[yi, xi])
     b = plane[yi + 1, xi] + wx * (plane[yi + 1, xi + 1] - plane[yi + 1, xi])
-    return a + wy * (b - a)
+    v: float = a + wy * (b - a)
+    return v
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
