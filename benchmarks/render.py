@@ -258,6 +258,8 @@ def measure_memory(size: int, session_min: float) -> dict[str, float]:
 
     import processors.encode  # noqa: F401
     import processors.render  # noqa: F401
+    from processors.render_kernels import compile_now
+    compile_now()  # the compiled kernels are code too, loaded once per process
     base = rss_mb()
     renderer, encoder = _session(size)
     total = int(session_min * 60 * FPS)
