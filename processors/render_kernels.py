@@ -119,16 +119,10 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
             # rounding.
             base = yy * s + x0
             for j in range(xa, xb):
-                ix = ixs[j]
-                iy = iys[j]
-                xi = np.int32(ix)
-                yi = np.int32(iy)
-                wx = ix - np.float32(xi)
-                wy = iy - np.float32(yi)
-                i = yi * sp + xi
-                a = fy_[i] + wx * (fy_[i + 1] - fy_[i])
-                b = fy_[i + sp] + wx * (fy_[i + sp + 1] - fy_[i + sp])
-                frame[base + j] = np.uint8(a + wy * (b - a) + half)
+                xi = np.int32(ixs[j])
+                yi = np.int32(iys[j])
+                frame[base + j] = np.uint8(_taps(fy_, yi * sp + xi, sp, ixs[j] - np.float32(xi),
+                                                 iys[j] - np.float32(yi)) + half)
             if (yy & 1) == 0:
                 # A 2x2 block's chroma: the half-size planes (each sample a block's mean) at
                 # the block's top-left pixel's position, halved.
@@ -141,12 +135,18 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                     wx = ix - np.float32(xi)
                     wy = iy - np.float32(yi)
                     i = yi * cp + xi
-                    a = fu[i] + wx * (fu[i + 1] - fu[i])
-                    b = fu[i + cp] + wx * (fu[i + cp + 1] - fu[i + cp])
-                    u_plane[cbase + j] = np.uint8(a + wy * (b - a) + half)
-                    a = fv[i] + wx * (fv[i + 1] - fv[i])
-                    b = fv[i + cp] + wx * (fv[i + cp + 1] - fv[i + cp])
-                    v_plane[cbase + j] = np.uint8(a + wy * (b - a) + half)
+                    u_plane[cbase + j] = np.uint8(_taps(fu, i, cp, wx, wy) + half)
+                    v_plane[cbase + j] = np.uint8(_taps(fv, i, cp, wx, wy) + half)
+
+
+@njit(inline="always", boundscheck=False, fastmath=True)
+def _taps(flat: NDArray[np.float32], i: int, stride: int, wx: float,
+          wy: float) -> float:  # pragma: no cover
+    """Bilinear between flat[i], flat[i + 1] and the same two one row (stride) down."""
+    a = flat[i] + wx * (flat[i + 1] - flat[i])
+    b = flat[i + stride] + wx * (flat[i + stride + 1] - flat[i + stride])
+    v: float = a + wy * (b - a)
+    return v
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
@@ -564,11 +564,7 @@ def mouth_box(pts: NDArray[np.float64], half: int, y0: int, y1: int, x0: int, x1
         return none, empty, empty
     h = y1 - y0
     w = x1 - x0
-    lx0 = max(int(np.floor(x_left)) - x0, 0)
-    lx1 = min(int(np.ceil(x_right)) + 1 - x0, w)
-    if even:
-        lx0 = lx0 & ~1
-        lx1 = min(lx1 + (lx1 & 1), w)
+    lx0, lx1 = _span(int(np.floor(x_left)) - x0, int(np.ceil(x_right)) + 1 - x0, w, even)
     if lx1 <= lx0:
         return none, empty, empty
     cx = np.arange(lx0 + x0, lx1 + x0).astype(np.float64)
@@ -584,15 +580,22 @@ def mouth_box(pts: NDArray[np.float64], half: int, y0: int, y1: int, x0: int, x1
             hi_y = max(hi_y, bot[j])
     if hi_y < lo_y:
         return none, empty, empty
-    ly0 = max(int(np.floor(lo_y)) - 1 - y0, 0)
-    ly1 = min(int(np.ceil(hi_y)) + 2 - y0, h)
-    if even:
-        ly0 = ly0 & ~1
-        ly1 = min(ly1 + (ly1 & 1), h)
+    ly0, ly1 = _span(int(np.floor(lo_y)) - 1 - y0, int(np.ceil(hi_y)) + 2 - y0, h, even)
     if ly1 <= ly0:
         return none, empty, empty
     box = np.array([ly0, ly1, lx0, lx1], np.int64)
     return box, top, bot
+
+
+@njit(inline="always")
+def _span(a0: int, a1: int, limit: int, even: bool) -> tuple[int, int]:  # pragma: no cover
+    """[a0, a1) clipped to [0, limit), grown to even ends with ``even``."""
+    a0 = max(a0, 0)
+    a1 = min(a1, limit)
+    if even:
+        a0 = a0 & ~1
+        a1 = min(a1 + (a1 & 1), limit)
+    return a0, a1
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
