@@ -26,7 +26,8 @@ from processors.encode import EncodedPacket, H264Encoder
 from processors.render_kernels import (add_upsampled, apart_box, below_upper_lip, blend_i420,
                                        clamp_to_lips, coarse_flows, compile_now, eyes_i420,
                                        lip_contour, mouth_layer, pad_source, row_spans,
-                                       sample_coarse, sample_plane, upsample_into, warp_i420)
+                                       sample_coarse, sample_plane, upsample_into, warp_i420,
+                                       weighted_sum)
 from processors.portrait import (DEFAULT_PORTRAIT, LIP_INNER_LOWER, LIP_INNER_UPPER, PortraitError,
                                  PortraitPack, default_pack, portrait_names, portrait_path,
                                  load_pack)
@@ -386,42 +387,55 @@ class FaceRenderer:
         eye_grid = eye_buf.permute(0, 2, 3, 1)
         if full:
             self._fill(eye_buf, head_pos, (ey0 + y0, ex0 + x0), (0, ey1 - ey0, 0, ex1 - ex0))
-        offsets: list[tuple[tuple[int, int, int, int], Tensor, Tensor]] = []
+        # Each region's offset (its second side, where its mask says), frame by frame: what
+        # a frame shows never depends on the frames it is rendered with (a batch of
+        # sessions, or one record re-rendered by the auditor). Boxes are per frame (cells
+        # of the region); the block and mask cover their union.
+        offsets: list[tuple[tuple[int, int, int, int], Tensor, Tensor, NDArray[np.int64]]] = []
+        own: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n)]  # ROI px
         lid_reach = 0.0  # how far a moving lid pulls the skin off the head's flow
+        lips_np64 = lips.numpy().astype(np.float64)
+        lips_lo, lips_hi = lips_np64.min(axis=1), lips_np64.max(axis=1)  # (n, 2): x, y
+        pad = LIP_CLAMP_PAD * s / 512 + st
         for region in self._regions:
-            if region is not mouth and not bool((coeff[:, region.active] > 0).any()):
-                # Only fields that split this region can open a gap in it.
-                region.last_box = (0, 0, 0, 0)
-                continue
+            live = (coeff[:, region.active] > 0).any(dim=1).tolist()
+            if region is not mouth and not any(live):
+                continue  # only fields that split this region can open a gap in it
             a0, a1, b0, b1 = region.cells
             ph, pw = region.padded_shape
             alt = alt_m - hd[:, :, a0:a1 + 2, b0:b1 + 2] if region is mouth else _moved(
-                (coeff @ region.fields).view(n, 2, ph, pw), hd[:, :, a0:a1 + 2, b0:b1 + 2], res)
+                torch.from_numpy(weighted_sum(coeff.contiguous().numpy(), region.fields_np))
+                .view(n, 2, ph, pw), hd[:, :, a0:a1 + 2, b0:b1 + 2], res)
             delta = alt - bs_at[:, :, a0:a1 + 2, b0:b1 + 2]
-            # Only where the two sides differ visibly this frame (the box is sized for the
-            # widest jaw drop, most frames need a fraction of it).
+            # Only where the two sides differ visibly (the box is sized for the widest jaw
+            # drop, most frames need a fraction of it).
             differs, apart = apart_box(delta.numpy(), 0.02 * 2 / s)
-            d0, d1, e0, e1 = differs.tolist()
-            if region is not mouth and d1 <= d0:
-                region.last_box = (0, 0, 0, 0)
+            boxes = np.zeros((n, 4), np.int64)
+            for f in range(n):
+                d0, d1, e0, e1 = differs[f].tolist()
+                if region is mouth:
+                    # The lip cut needs the lips' surroundings (the clamp reaches
+                    # LIP_CLAMP_PAD around them) and wherever the two sides differ.
+                    i0 = int(math.floor((lips_lo[f, 1] - pad) / st)) - a0
+                    i1 = int(math.ceil((lips_hi[f, 1] + pad) / st)) - a0
+                    j0 = int(math.floor((lips_lo[f, 0] - pad) / st)) - b0
+                    j1 = int(math.ceil((lips_hi[f, 0] + pad) / st)) - b0
+                    if d1 > d0:
+                        i0, i1, j0, j1 = min(i0, d0), max(i1, d1), min(j0, e0), max(j1, e1)
+                    i0, i1 = max(i0, 0), min(i1, a1 - a0)
+                    j0, j1 = max(j0, 0), min(j1, b1 - b0)
+                    if i1 <= i0 or j1 <= j0:  # lips outside their region: never, but whole
+                        i0, i1, j0, j1 = 0, a1 - a0, 0, b1 - b0
+                elif live[f] and d1 > d0:
+                    i0, i1, j0, j1 = d0, d1, e0, e1
+                else:
+                    continue
+                boxes[f] = (i0, i1, j0, j1)
+            used = boxes[:, 1] > boxes[:, 0]
+            if not used.any():
                 continue
-            if region is mouth:
-                # The lip cut needs the lips' surroundings (the clamp reaches LIP_CLAMP_PAD
-                # around them) and wherever the two sides differ: on most frames a fraction
-                # of the box sized for the widest jaw drop.
-                pad = LIP_CLAMP_PAD * s / 512 + st
-                i0 = int(math.floor((float(lips[..., 1].min()) - pad) / st)) - a0
-                i1 = int(math.ceil((float(lips[..., 1].max()) + pad) / st)) - a0
-                j0 = int(math.floor((float(lips[..., 0].min()) - pad) / st)) - b0
-                j1 = int(math.ceil((float(lips[..., 0].max()) + pad) / st)) - b0
-                if d1 > d0:
-                    i0, i1, j0, j1 = min(i0, d0), max(i1, d1), min(j0, e0), max(j1, e1)
-                i0, i1 = max(i0, 0), min(i1, a1 - a0)
-                j0, j1 = max(j0, 0), min(j1, b1 - b0)
-                if i1 <= i0 or j1 <= j0:  # lips outside their region: never, but be whole
-                    i0, i1, j0, j1 = 0, a1 - a0, 0, b1 - b0
-            else:
-                i0, i1, j0, j1 = d0, d1, e0, e1
+            i0, i1 = int(boxes[used, 0].min()), int(boxes[used, 1].max())
+            j0, j1 = int(boxes[used, 2].min()), int(boxes[used, 3].max())
             block = delta[:, :, i0:i1 + 2, j0:j1 + 2].contiguous()
             by0, bx0 = (a0 + i0) * st - y0, (b0 + j0) * st - x0
             by1, bx1 = by0 + (i1 - i0) * st, bx0 + (j1 - j0) * st
@@ -434,11 +448,17 @@ class FaceRenderer:
                 mask = torch.empty(n, 1, by1 - by0, bx1 - bx0)
                 sample_plane(self._eye_masks_pad[ch], eye_buf.numpy(), by0 - ey0, bx0 - ex0,
                              mask.numpy())
-            offsets.append(((by0, by1, bx0, bx1), mask, block))
-            if region is not mouth:
                 lid_reach = max(lid_reach, apart)
-            region.last_box = (by0, by1, bx0, bx1)
-            region.last_mask = mask
+            # Each frame's own box, px relative to the block's first pixel.
+            limits = np.zeros((n, 4), np.int64)
+            for f in np.flatnonzero(used).tolist():
+                fi0, fi1, fj0, fj1 = boxes[f].tolist()
+                limits[f] = ((fi0 - i0) * st, (fi1 - i0) * st, (fj0 - j0) * st, (fj1 - j0) * st)
+                own[f].append((by0 + int(limits[f, 0]), by0 + int(limits[f, 1]),
+                               bx0 + int(limits[f, 2]), bx0 + int(limits[f, 3])))
+            offsets.append(((by0, by1, bx0, bx1), mask, block, limits))
+            if region is mouth:
+                mouth_box, mouth_mask, mouth_limits = (by0, by1, bx0, bx1), mask, limits
         # How far the skin around the eyes moves this frame (px, the head's flow and the
         # lids' offsets at most); so where each eye may show its eyeball (eye-box
         # coordinates): no further than that from where it shows at rest.
@@ -454,28 +474,34 @@ class FaceRenderer:
             m = 4 * s // 512 + 2
             lip_box = (int(lips[..., 1].min()) - m - y0, int(lips[..., 1].max()) + m + 1 - y0,
                        int(lips[..., 0].min()) - m - x0, int(lips[..., 0].max()) + m + 1 - x0)
-            boxes = [box for box, _, _ in offsets] + [lip_box] + [
+            needed = [box for box, _, _, _ in offsets] + [lip_box] + [
                 (ey0 + b[0], ey0 + b[1], ex0 + b[2], ex0 + b[3]) for b in eye_search if b]
-            patches = _merged([_aligned(b, st, y1 - y0, x1 - x0) for b in boxes])
-        for a0, a1, b0, b1 in patches:
-            moving[a0 // st:a1 // st, b0 // st:b1 // st] = True
-        # Per output row of the ROI, the columns to warp (between its first and last moving
-        # cells; the rest of the row is still): the head is round, its box is not.
+            patches = _merged([_aligned(b, st, y1 - y0, x1 - x0) for b in needed])
+        # Per frame and output row of the ROI, the columns to warp (between its first and
+        # last moving cells; the rest of the row is still): the head is round, its box is
+        # not. (The regions' boxes lie in the mouth and eye boxes, which always move.)
         spans = row_spans(moving, st)
         for patch in patches:
             self._fill(grid, coarse, (y0, x0), patch)
         for b in eye_search:
             if b and not full:
                 self._fill(eye_buf, head_pos, (ey0 + y0, ex0 + x0), b)
-        for (by0, _, bx0, _), mask, block in offsets:
+        for (by0, _, bx0, _), mask, block, limits in offsets:
             # the region's side where the mask says, its offset upsampled on the way
-            add_upsampled(grid.numpy(), by0, bx0, mask.numpy(), block.numpy(), st)
+            add_upsampled(grid.numpy(), by0, bx0, mask.numpy(), block.numpy(), st, limits)
         # grid_sample reads the (n, H, W, 2) view as it is: no copy into that layout.
         grid_hw = grid.permute(0, 2, 3, 1)
-        self._clamp_to_lips(grid_hw, mouth, lips, roi)
+        clamps = self._clamp_to_lips(grid_hw, lips_lo, lips_hi, mouth_box, mouth_mask,
+                                     mouth_limits, roi)
+        # Where the warp reads the full grid, per frame: its own offsets and lip clamp.
+        most = max(len(b) for b in own) + 1
+        frame_patches = np.zeros((n, most, 4), np.int32)
+        for f in range(n):
+            for k, b in enumerate(own[f] + [tuple(clamps[f].tolist())]):
+                frame_patches[f, k] = b
         if full:
             spans[:] = (0, x1 - x0)
-        return _Geometry(n, roi, spans, grid_hw, patches, coarse_px, eye_box, eye_grid,
+        return _Geometry(n, roi, spans, grid_hw, frame_patches, coarse_px, eye_box, eye_grid,
                          eye_search,
                          lips, w[:, self._tongue_col].tolist())
 
@@ -533,10 +559,9 @@ class FaceRenderer:
         ry0, ry1, rx0, rx1 = geo.roi
         out[:] = self._bg_i420
         # The warp over the ROI in one pass, straight into the frames: positions from the
-        # coarse grid, or from the full one in the patches (lips, eyes).
-        patches = np.array(geo.patches, dtype=np.int32).reshape(-1, 4)
+        # coarse grid, or from the full one in each frame's patches (lip cut, lids).
         frames = out.reshape(n, -1)
-        warp_i420(geo.coarse_px.numpy(), self._step, ry0, ry1, rx0, rx1, geo.spans, patches,
+        warp_i420(geo.coarse_px.numpy(), self._step, ry0, ry1, rx0, rx1, geo.spans, geo.patches,
                   grid_hw.permute(0, 3, 1, 2).numpy(), self._skin_y_pad, self._skin_u_pad,
                   self._skin_v_pad, frames)
         # The layers go over the warped (rounded) skin: rounding twice costs half a level.
@@ -596,26 +621,35 @@ class FaceRenderer:
         below_upper_lip(lips[:, :half].numpy().astype(np.float64), y0, x0, out.numpy())
         return out
 
-    def _clamp_to_lips(self, grid: Tensor, mouth: _Region, lips: Tensor,
-                       roi: tuple[int, int, int, int]) -> None:
-        """Keep each lip's pixels sampling that lip (in place on the ROI grid).
+    def _clamp_to_lips(self, grid: Tensor, lips_lo: NDArray[np.float64],
+                       lips_hi: NDArray[np.float64], mouth_box: tuple[int, int, int, int],
+                       mask: Tensor,
+                       limits: NDArray[np.int64], roi: tuple[int, int, int, int]) -> NDArray[
+            np.int64]:
+        """Keep each lip's pixels sampling that lip (in place on the ROI grid); returns each
+        frame's clamped box (ROI px).
 
         A source past a point a little inside the lip's edge (the blurred edge shows teeth
         through it) is moved onto that point, the lip's dark inner line. Only pixels near
-        the lips can reach across, so only a box around them is checked.
+        the lips can reach across, so only a box around them is checked, each frame's own
+        (within its part of the mouth's box, where the lower lip's mask is).
         """
-        by0, by1, bx0, bx1 = mouth.last_box
+        by0, _, bx0, _ = mouth_box
         s = self._size
         y0, _, x0, _ = roi
         pad = LIP_CLAMP_PAD * s / 512
-        cy0 = max(int(lips[..., 1].min() - pad) - y0, by0)
-        cy1 = min(int(lips[..., 1].max() + pad) + 1 - y0, by1)
-        cx0 = max(int(lips[..., 0].min() - pad) - x0, bx0)
-        cx1 = min(int(lips[..., 0].max() + pad) + 1 - x0, bx1)
-        if cy1 <= cy0 or cx1 <= cx0:
-            return
-        clamp_to_lips(grid.permute(0, 3, 1, 2).numpy(), cy0, cy1, cx0, cx1,
-                      mouth.last_mask.numpy(), by0, bx0, self._edge_up_np, self._edge_lo_np, s)
+        boxes = np.zeros((len(lips_lo), 4), np.int64)
+        for f, ((lx, ly), (hx, hy)) in enumerate(zip(lips_lo.tolist(), lips_hi.tolist())):
+            lim = limits[f].tolist()
+            cy0 = max(int(ly - pad) - y0, by0 + lim[0])
+            cy1 = min(int(hy + pad) + 1 - y0, by0 + lim[1])
+            cx0 = max(int(lx - pad) - x0, bx0 + lim[2])
+            cx1 = min(int(hx + pad) + 1 - x0, bx0 + lim[3])
+            if cy1 > cy0 and cx1 > cx0:
+                boxes[f] = (cy0, cy1, cx0, cx1)
+        clamp_to_lips(grid.permute(0, 3, 1, 2).numpy(), boxes, mask.numpy(), by0, bx0,
+                      self._edge_up_np, self._edge_lo_np, s)
+        return boxes
 
     def _mouth_interior(self, lips: Tensor, roi: tuple[int, int, int, int], colours: _Interior,
                         even: bool = False, tongue: float = 0.0) -> tuple[
@@ -683,15 +717,15 @@ class _Geometry:
 
     def __init__(self, n: int, roi: tuple[int, int, int, int], spans: NDArray[np.int32],
                  grid: Tensor,
-                 patches: list[tuple[int, int, int, int]], coarse_px: Tensor,
+                 patches: NDArray[np.int32], coarse_px: Tensor,
                  eye_box: tuple[int, int, int, int], eye_grid: Tensor,
                  eye_search: list[tuple[int, int, int, int] | None], lips: Tensor,
                  tongue: list[float]) -> None:
         self.n = n
         self.roi = roi  # (y0, y1, x0, x1) output px: what this chunk renders
-        self.spans = spans  # (H, 2): per ROI row, the columns that move (ROI coordinates)
-        self.grid = grid  # over the ROI, filled in the patches only
-        self.patches = patches  # disjoint boxes (ROI coordinates, even edges)
+        self.spans = spans  # (n, H, 2): per frame and ROI row, the columns that move
+        self.grid = grid  # over the ROI, filled only where something reads it
+        self.patches = patches  # (n, m, 4): where each frame's warp reads the grid (ROI px)
         self.coarse_px = coarse_px  # (n, 2, P, P) source positions in portrait px
         self.eye_box = eye_box  # ROI coordinates
         self.eye_grid = eye_grid  # (n, h, w, 2) head-only positions, filled where searched
@@ -746,7 +780,7 @@ def _box2(x: Tensor) -> Tensor:
 
 
 class _Region:
-    """A split region's tensors, plus scratch from the current frame."""
+    """A split region's tensors."""
 
     def __init__(self, name: str, cells: tuple[int, int, int, int], fields: Tensor,
                  padded_shape: tuple[int, int], mask: Tensor, active: Tensor) -> None:
@@ -754,10 +788,9 @@ class _Region:
         self.active = active
         self.cells = cells
         self.fields = fields
+        self.fields_np = fields.numpy().copy()
         self.padded_shape = padded_shape
         self.mask = mask
-        self.last_box = (0, 0, 0, 0)
-        self.last_mask = torch.zeros(0)
 
 
 def _sparse_fields(fields: NDArray[np.float32]) -> tuple[

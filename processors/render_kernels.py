@@ -33,8 +33,9 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
     coarse_px: (n, 2, P, P) source positions in portrait pixels (x, y) on the coarse grid,
     one padding cell each side; output pixel (Y, X) takes them by bilinear upsampling by
     ``step``, as ``F.interpolate(scale_factor=step, align_corners=False)`` does. Except in
-    ``patches`` (m, 4) boxes (a0, a1, b0, b1) relative to (y0, x0), where the positions are
-    ``grid`` (n, 2, y1 - y0, x1 - x0), normalised as for ``grid_sample``.
+    frame f's ``patches[f]`` (m, 4) boxes (a0, a1, b0, b1) relative to (y0, x0), where the
+    positions are ``grid`` (n, 2, y1 - y0, x1 - x0), normalised as for ``grid_sample``.
+    spans (n, y1 - y0, 2) and patches are each frame's own.
     skin_y (S + 1, S + 1), skin_u, skin_v (S / 2 + 1, S / 2 + 1): sources from
     :func:`pad_source`, chroma at half size.
     frames: (n, S * S * 3 // 2) I420 frames (Y, then U, then V), written in the box only;
@@ -84,8 +85,8 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
         v_plane = frames[f, s * s + sh * sh:]
         for yy in range(y0, y1):
             row = yy - y0
-            xa = spans[row, 0]
-            xb = spans[row, 1]
+            xa = spans[f, row, 0]
+            xb = spans[f, row, 1]
             if xb <= xa:
                 continue
             # This row's positions on the coarse columns, then at every output column.
@@ -110,9 +111,9 @@ def warp_i420(coarse_px: NDArray[np.float32], step: int, y0: int, y1: int, x0: i
                 for j in range(max(starts[k], xa), min(starts[k + 1], xb)):
                     ixs[j] = min(max(ax + fracs[j] * dx, zero), top)
                     iys[j] = min(max(ay + fracs[j] * dy, zero), top)
-            for p in range(patches.shape[0]):
-                if patches[p, 0] <= row < patches[p, 1]:
-                    for j in range(max(patches[p, 2], xa), min(patches[p, 3], xb)):
+            for p in range(patches.shape[1]):
+                if patches[f, p, 0] <= row < patches[f, p, 1]:
+                    for j in range(max(patches[f, p, 2], xa), min(patches[f, p, 3], xb)):
                         ixs[j] = min(max(grid[f, 0, row, j] * scale + shift, zero), top)
                         iys[j] = min(max(grid[f, 1, row, j] * scale + shift, zero), top)
             # Sources lie in 0..255 and bilinear weights are convex: no clamp before
@@ -255,18 +256,19 @@ def upsample_into(coarse: NDArray[np.float32], step: int, oy: int, ox: int, b0: 
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
-def clamp_to_lips(grid: NDArray[np.float32], y0: int, y1: int, x0: int, x1: int,
+def clamp_to_lips(grid: NDArray[np.float32], boxes: NDArray[np.int64],
                   lower: NDArray[np.float32], ly: int, lx: int, edge_up: NDArray[np.float32],
                   edge_lo: NDArray[np.float32], s: int) -> None:  # pragma: no cover
-    """In grid (n, 2, H, W) over [y0, y1) x [x0, x1): a pixel of the lower lip (``lower``
-    (n, 1, h, w) > 0.5, its (0, 0) at (ly, lx)) samples no higher than the lower lip's inner
-    edge in its source column, any other no lower than the upper lip's."""
+    """In grid (n, 2, H, W) over frame f's box boxes[f] (y0, y1, x0, x1): a pixel of the
+    lower lip (``lower`` (n, 1, h, w) > 0.5, its (0, 0) at (ly, lx)) samples no higher than
+    the lower lip's inner edge in its source column, any other no lower than the upper
+    lip's."""
     sf = np.float32(s)
     half = np.float32(0.5)
     one = np.float32(1.0)
     for f in range(grid.shape[0]):
-        for yy in range(y0, y1):
-            for xx in range(x0, x1):
+        for yy in range(boxes[f, 0], boxes[f, 1]):
+            for xx in range(boxes[f, 2], boxes[f, 3]):
                 sx = ((grid[f, 0, yy, xx] + one) * sf - one) * half
                 sy = ((grid[f, 1, yy, xx] + one) * sf - one) * half
                 col = min(max(int(np.rint(sx)), 0), s - 1)
@@ -514,36 +516,39 @@ def blend_i420(frame: NDArray[np.uint8], s: int, y0: int, x0: int, cover: NDArra
 def moving_cells(total: NDArray[np.float32], still: float, core: NDArray[np.int64],
                  bounds: NDArray[np.int64]) -> tuple[NDArray[np.int64],
                                                      NDArray[np.bool_]]:  # pragma: no cover
-    """Which coarse cells to warp: those whose flow (total (n, 2, P, P), padded) or a
-    neighbour's exceeds ``still`` in any frame, and the ``core`` box (r0, r1, c0, c1);
-    within ``bounds`` (a box of the unpadded grid). Returns their bounding box and the
-    (unpadded) mask cropped to it."""
+    """Which coarse cells to warp, frame by frame: those whose flow (total (n, 2, P, P),
+    padded) or a neighbour's exceeds ``still``, and the ``core`` box (r0, r1, c0, c1);
+    within ``bounds`` (a box of the unpadded grid). Returns the box holding every frame's
+    and the (n, h, w) masks cropped to it (each frame's own: what a frame shows never
+    depends on the frames it is rendered with)."""
+    n = total.shape[0]
     p = total.shape[2]
     res = p - 2
+    moving = np.zeros((n, res, res), np.bool_)
     live = np.zeros((p, p), np.bool_)
-    for f in range(total.shape[0]):
-        for ch in range(2):
-            for r in range(p):
-                for c in range(p):
-                    if abs(total[f, ch, r, c]) > still:
-                        live[r, c] = True
-    moving = np.zeros((res, res), np.bool_)
-    for r in range(res):
-        for c in range(res):
-            # unpadded (r, c) is padded (r + 1, c + 1): its neighbours are padded r..r + 2
-            moving[r, c] = (live[r, c] or live[r, c + 1] or live[r, c + 2] or live[r + 1, c]
-                            or live[r + 1, c + 1] or live[r + 1, c + 2] or live[r + 2, c]
-                            or live[r + 2, c + 1] or live[r + 2, c + 2])
-    moving[core[0]:core[1], core[2]:core[3]] = True
+    b0, b1, c0, c1 = bounds[0], bounds[1], bounds[2], bounds[3]
+    for f in range(n):
+        # only within bounds (and its padded neighbours): nothing outside is ever warped
+        for r in range(b0, b1 + 2):
+            for c in range(c0, c1 + 2):
+                live[r, c] = max(abs(total[f, 0, r, c]), abs(total[f, 1, r, c])) > still
+        for r in range(b0, b1):
+            for c in range(c0, c1):
+                # unpadded (r, c) is padded (r + 1, c + 1): its neighbours are padded r..r + 2
+                moving[f, r, c] = (live[r, c] or live[r, c + 1] or live[r, c + 2]
+                                   or live[r + 1, c] or live[r + 1, c + 1] or live[r + 1, c + 2]
+                                   or live[r + 2, c] or live[r + 2, c + 1] or live[r + 2, c + 2])
+        moving[f, core[0]:core[1], core[2]:core[3]] = True
     box = np.array([bounds[1], bounds[0], bounds[3], bounds[2]], np.int64)
-    for r in range(bounds[0], bounds[1]):
-        for c in range(bounds[2], bounds[3]):
-            if moving[r, c]:
-                box[0] = min(box[0], r)
-                box[1] = max(box[1], r + 1)
-                box[2] = min(box[2], c)
-                box[3] = max(box[3], c + 1)
-    return box, moving[box[0]:box[1], box[2]:box[3]].copy()
+    for f in range(n):
+        for r in range(bounds[0], bounds[1]):
+            for c in range(bounds[2], bounds[3]):
+                if moving[f, r, c]:
+                    box[0] = min(box[0], r)
+                    box[1] = max(box[1], r + 1)
+                    box[2] = min(box[2], c)
+                    box[3] = max(box[3], c + 1)
+    return box, moving[:, box[0]:box[1], box[2]:box[3]].copy()
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
@@ -653,18 +658,23 @@ def coarse_flows(coeff: NDArray[np.float32], head: NDArray[np.float32],
     return hd, bs_at, total, coarse, head_pos, coarse_px, box, moving
 
 
-@njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def apart_box(delta: NDArray[np.float32], threshold: float) -> tuple[
         NDArray[np.int64], float]:  # pragma: no cover
-    """Where a region's two sides differ (delta (n, 2, h, w), one padding cell each side):
-    the box (r0, r1, c0, c1) of interior cells (padding excluded, so cell (0, 0) is
-    delta's (1, 1)) where any |delta| exceeds ``threshold`` (empty: r1 <= r0), and the
-    largest |delta| anywhere."""
+    """Where a region's two sides differ (delta (n, 2, h, w), one padding cell each side),
+    frame by frame: the boxes (n, 4) (r0, r1, c0, c1) of interior cells (padding excluded,
+    so cell (0, 0) is delta's (1, 1)) where |delta| exceeds ``threshold`` (empty: r1 <= r0),
+    and the largest |delta| anywhere."""
+    n = delta.shape[0]
     h = delta.shape[2]
     w = delta.shape[3]
-    box = np.array([h, 0, w, 0], np.int64)
+    boxes = np.empty((n, 4), np.int64)
     peak = 0.0
-    for f in range(delta.shape[0]):
+    for f in range(n):
+        boxes[f, 0] = h
+        boxes[f, 1] = 0
+        boxes[f, 2] = w
+        boxes[f, 3] = 0
         for ch in range(2):
             plane = delta[f, ch]
             for r in range(h):
@@ -673,40 +683,43 @@ def apart_box(delta: NDArray[np.float32], threshold: float) -> tuple[
                     v = abs(row[c])
                     peak = max(peak, v)
                     if v > threshold and 0 < r < h - 1 and 0 < c < w - 1:
-                        box[0] = min(box[0], r - 1)
-                        box[1] = max(box[1], r)
-                        box[2] = min(box[2], c - 1)
-                        box[3] = max(box[3], c)
-    return box, peak
+                        boxes[f, 0] = min(boxes[f, 0], r - 1)
+                        boxes[f, 1] = max(boxes[f, 1], r)
+                        boxes[f, 2] = min(boxes[f, 2], c - 1)
+                        boxes[f, 3] = max(boxes[f, 3], c)
+    return boxes, peak
 
 
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def row_spans(moving: NDArray[np.bool_], step: int) -> NDArray[np.int32]:  # pragma: no cover
-    """Per output row (step per cell row), the columns (px) from the row's first moving
-    cell to past its last; (0, 0) for a row with none."""
-    h, w = moving.shape
-    spans = np.zeros((h * step, 2), np.int32)
-    for r in range(h):
-        first = -1
-        last = -1
-        for c in range(w):
-            if moving[r, c]:
-                if first < 0:
-                    first = c
-                last = c
-        if first >= 0:
-            for k in range(step):
-                spans[r * step + k, 0] = first * step
-                spans[r * step + k, 1] = (last + 1) * step
+    """Per frame and output row (step per cell row; moving (n, h, w)), the columns (px)
+    from the row's first moving cell to past its last; (0, 0) for a row with none."""
+    n, h, w = moving.shape
+    spans = np.zeros((n, h * step, 2), np.int32)
+    for f in range(n):
+        for r in range(h):
+            first = -1
+            last = -1
+            for c in range(w):
+                if moving[f, r, c]:
+                    if first < 0:
+                        first = c
+                    last = c
+            if first >= 0:
+                for k in range(step):
+                    spans[f, r * step + k, 0] = first * step
+                    spans[f, r * step + k, 1] = (last + 1) * step
     return spans
 
 
 @njit(cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy")
 def add_upsampled(buf: NDArray[np.float32], b0: int, c0: int, mask: NDArray[np.float32],
-                  block: NDArray[np.float32], step: int) -> None:  # pragma: no cover
+                  block: NDArray[np.float32], step: int,
+                  limits: NDArray[np.int64]) -> None:  # pragma: no cover
     """buf[:, :, b0:b0 + h, c0:c0 + w] += mask (n, 1, h, w) x block (n, C, H, W) upsampled
     by ``step`` (bilinear; block's first and last rows and columns are padding cells, so
-    output pixel (0, 0) lies in its cell (1, 1), as in :func:`upsample_into`)."""
+    output pixel (0, 0) lies in its cell (1, 1), as in :func:`upsample_into`); for frame f
+    only over its own box limits[f] (r0, r1, c0, c1), relative to (b0, c0)."""
     inv = np.float32(1.0) / np.float32(step)
     half = np.float32(0.5)
     h = mask.shape[2]
@@ -723,7 +736,7 @@ def add_upsampled(buf: NDArray[np.float32], b0: int, c0: int, mask: NDArray[np.f
         for ch in range(buf.shape[1]):
             plane = block[f, ch]
             out = buf[f, ch]
-            for b in range(h):
+            for b in range(max(limits[f, 0], 0), min(limits[f, 1], h)):
                 src = (np.float32(b) + half) * inv + half
                 r = int(np.floor(src))
                 fy = src - np.float32(r)
@@ -733,7 +746,7 @@ def add_upsampled(buf: NDArray[np.float32], b0: int, c0: int, mask: NDArray[np.f
                     line[k] = upper[k] + fy * (lower[k] - upper[k])
                 row = out[b0 + b]
                 wrow = weight[b]
-                for q in range(w):
+                for q in range(max(limits[f, 2], 0), min(limits[f, 3], w)):
                     k = ks[q]
                     row[c0 + q] += wrow[q] * (line[k] + fxs[q] * (line[k + 1] - line[k]))
 
@@ -837,6 +850,22 @@ def lip_contour(coeff: NDArray[np.float32], lip_rest: NDArray[np.float32],
             lips[f, i, 1] = solved[f, src, 1]
     return lips, np.ascontiguousarray(flows[:, 4:6])
 
+
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+def weighted_sum(coeff: NDArray[np.float32], rows: NDArray[np.float32]) -> NDArray[
+        np.float32]:  # pragma: no cover
+    """coeff (n, K) @ rows (K, F), frame by frame in a fixed order (a BLAS product may
+    round differently with the number of frames, and a frame must render the same in
+    any batch)."""
+    out = np.zeros((coeff.shape[0], rows.shape[1]), np.float32)
+    for f in range(coeff.shape[0]):
+        for k in range(coeff.shape[1]):
+            c = coeff[f, k]
+            if c != 0.0:
+                for q in range(rows.shape[1]):
+                    out[f, q] += c * rows[k, q]
+    return out
+
 def compile_now() -> None:
     """Compile (or load from numba's cache) every kernel on tiny inputs, so the first real
     frame does not wait for the compiler (about 2 s cold)."""
@@ -845,8 +874,8 @@ def compile_now() -> None:
     src = pad_source(np.zeros((4, 4), f32))
     frames = np.zeros((1, 24), np.uint8)
     small = pad_source(np.zeros((2, 2), f32))
-    warp_i420(coarse, 2, 0, 2, 0, 2, np.zeros((2, 2), np.int32), np.zeros((1, 4), np.int32),
-              np.zeros((1, 2, 2, 2), f32), src, small, small, frames)
+    warp_i420(coarse, 2, 0, 2, 0, 2, np.zeros((1, 2, 2), np.int32),
+              np.zeros((1, 1, 4), np.int32), np.zeros((1, 2, 2, 2), f32), src, small, small, frames)
     one = np.zeros(1)
     tex = np.zeros((4, 2, 2), f32)
     warm = np.zeros(3, f32)
@@ -854,8 +883,8 @@ def compile_now() -> None:
                    np.zeros((1, 1), f32), np.zeros((3, 1, 1), f32))
     buf = np.zeros((1, 2, 2, 2), f32)
     upsample_into(coarse, 2, 0, 0, 0, 2, 0, 2, buf)
-    clamp_to_lips(buf, 0, 2, 0, 2, np.zeros((1, 1, 2, 2), f32), 0, 0, np.zeros(4, f32),
-                  np.zeros(4, f32), 4)
+    clamp_to_lips(buf, np.zeros((1, 4), np.int64), np.zeros((1, 1, 2, 2), f32), 0, 0,
+                  np.zeros(4, f32), np.zeros(4, f32), 4)
     below_upper_lip(np.zeros((1, 2, 2)), 0, 0, np.zeros((1, 1, 2, 2), f32))
     displaced(np.zeros((1, 2, 2), f32), np.zeros((1, 2, 2, 2), f32), np.zeros(2, np.int64),
               2, 0, 0, 4, 1, np.zeros((1, 2, 2), f32))
@@ -874,8 +903,10 @@ def compile_now() -> None:
                 np.zeros((1, 8), f32), coarse, coarse, 0, 0, 2, 2, 8, 2, np.zeros(4, np.int64),
                 np.zeros(2, np.bool_), 1)
     sample_plane(src, buf, 0, 0, np.zeros((1, 1, 2, 2), f32))
-    add_upsampled(buf, 0, 0, np.zeros((1, 1, 2, 2), f32), np.zeros((1, 2, 3, 3), f32), 2)
-    row_spans(np.zeros((2, 2), np.bool_), 2)
+    add_upsampled(buf, 0, 0, np.zeros((1, 1, 2, 2), f32), np.zeros((1, 2, 3, 3), f32), 2,
+                  np.zeros((1, 4), np.int64))
+    weighted_sum(np.zeros((1, 1), f32), np.zeros((1, 4), f32))
+    row_spans(np.zeros((1, 2, 2), np.bool_), 2)
     coarse_flows(np.zeros((1, 1), f32), np.zeros((1, 3), f32), np.zeros(8, f32),
                  np.array([[0, 2, 0, 2]]), np.zeros(1, np.int64), np.zeros((3, 2, 4, 4), f32),
                  np.zeros((2, 4, 4), f32), 8, 0.1, np.array([0, 1, 0, 1]), np.array([0, 1, 0, 1]))

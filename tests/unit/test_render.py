@@ -143,6 +143,25 @@ def test_a_batch_renders_the_same_frames_as_one_at_a_time(renderer: FaceRenderer
         assert diff(batch[i], renderer.render(w[i], h[i])).max() <= 1
 
 
+def test_a_frame_streamed_is_byte_for_byte_the_frame_rendered_in_any_batch(
+        renderer: FaceRenderer) -> None:
+    # The stage batches whatever records it has fetched (several sessions); the auditor
+    # re-renders one record at a time. Both must draw the very same frame.
+    from benchmarks.render import speech_motion
+
+    w, h = speech_motion(200)
+    pick = np.array([3, 57, 58, 120, 121, 122, 180, 199])
+    w, h = w[pick], h[pick]
+    w[1, INDEX["eyeBlinkLeft"]] = w[1, INDEX["eyeBlinkRight"]] = 0.9  # a lid moves in one
+    h[4] = (0.12, -0.08, 0.05)  # and one turns far
+    together = renderer.render_batch_i420(w, h)
+    alone = np.stack([renderer.render_i420(w[i], h[i]) for i in range(len(w))])
+    pairs = np.concatenate([renderer.render_batch_i420(w[i:i + 2], h[i:i + 2])
+                            for i in range(0, len(w), 2)])
+    assert np.array_equal(together, alone)
+    assert np.array_equal(pairs, alone)
+
+
 def test_head_yaw_turns_the_face_and_leaves_the_frame_edge(renderer: FaceRenderer,
                                                            pack: PortraitPack) -> None:
     neutral = renderer.render(weights(), STILL)
