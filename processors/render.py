@@ -466,15 +466,12 @@ class FaceRenderer:
         eye_reach = int(math.ceil((float(
             total[:, :, a0 + 1:a1 + 1, b0 + 1:b1 + 1].abs().amax()) + lid_reach) * s / 2))
         eye_search = self._eye_search(eye_reach, ey1 - ey0)
-        # Where the full-resolution grid is needed: the regions' offsets, the lips with the
-        # mouth interior between them, the eyes' openings.
+        # Where the full-resolution grid is read: the regions' offsets (the lip clamp lies
+        # in the mouth's), the eyes' openings. (The mouth interior needs only the lips.)
         if full:
             patches = [(0, y1 - y0, 0, x1 - x0)]
         else:
-            m = 4 * s // 512 + 2
-            lip_box = (int(lips[..., 1].min()) - m - y0, int(lips[..., 1].max()) + m + 1 - y0,
-                       int(lips[..., 0].min()) - m - x0, int(lips[..., 0].max()) + m + 1 - x0)
-            needed = [box for box, _, _, _ in offsets] + [lip_box] + [
+            needed = [box for box, _, _, _ in offsets] + [
                 (ey0 + b[0], ey0 + b[1], ex0 + b[2], ex0 + b[3]) for b in eye_search if b]
             patches = _merged([_aligned(b, st, y1 - y0, x1 - x0) for b in needed])
         # Per frame and output row of the ROI, the columns to warp (between its first and
