@@ -413,13 +413,22 @@ def main() -> None:
     print(f"two sessions: {pairs}", file=sys.stderr)
 
     # Floor at 512: ours vs warp alone + encoder alone, interleaved in this process.
-    limit = measure_limit(512, args.frames)
+    # Like the fps figures, the median of 3 rounds (each interleaves ours with the floor
+    # chunk by chunk; between rounds the shared machine's speed moves by a few %).
+    limits = []
+    for _ in range(args.rounds):
+        limit = measure_limit(512, args.frames)
+        limit["limit_ratio"] = (limit["warp_ms"] + limit["encode_ms"]) / limit["ours_ms"]
+        limit["limit_ratio_cpu"] = (limit["warp_ms_cpu"] + limit["encode_ms_cpu"]) / limit[
+            "ours_ms_cpu"]
+        limits.append(limit)
+    limit = sorted(limits, key=lambda x: float(x["limit_ratio"]))[len(limits) // 2]
     # The headline one-session figure (fresh process, median round), for comparison.
     limit["ours_fresh_process_median_ms"] = result["ms_per_frame_512"]
     result["breakdown_512_ms"] = limit
-    result["limit_ratio"] = (limit["warp_ms"] + limit["encode_ms"]) / limit["ours_ms"]
-    result["limit_ratio_cpu"] = (limit["warp_ms_cpu"] + limit["encode_ms_cpu"]) / limit[
-        "ours_ms_cpu"]
+    result["limit_ratio"] = limit["limit_ratio"]
+    result["limit_ratio_cpu"] = limit["limit_ratio_cpu"]
+    result["limit_ratio_rounds"] = [x["limit_ratio"] for x in limits]
 
     kid = _child("--memory", "--size", "512", "--session-min", str(args.session_min))
     stdout, _ = kid.communicate(timeout=3600)
