@@ -103,7 +103,7 @@ class FaceRenderer:
         bs_names = [n for n in names if n not in head_names]
         self._bs_index = torch.tensor([INDEX[n] for n in bs_names], dtype=torch.long)
         self._bs_rows = [names.index(n) for n in bs_names]
-        self._head_rows = [names.index(n) for n in head_names]
+        head_rows = [names.index(n) for n in head_names]
         self._jaw_col = bs_names.index("jawOpen") if "jawOpen" in bs_names else -1
         self._close_col = bs_names.index("mouthClose") if "mouthClose" in bs_names else -1
         fields = torch.from_numpy(np.ascontiguousarray(
@@ -111,7 +111,7 @@ class FaceRenderer:
         # One padding cell (replicate) lets any cell block be upsampled exactly.
         fields = F.pad(fields, (1, 1, 1, 1), mode="replicate")
         self._bs_sparse = _sparse_fields(fields[self._bs_rows].numpy())
-        self._head_fields = fields[self._head_rows].reshape(3, -1).contiguous()
+        self._head_fields = fields[head_rows].contiguous().numpy()  # (3, 2, P, P)
         # Where anything moves by more than a twentieth of a pixel (head at its limit): the
         # warp only runs there, the rest of the frame is a copy of the portrait.
         reach = np.array([MAX_HEAD_RAD if n in head_names else 1.0 for n in names])
@@ -123,11 +123,9 @@ class FaceRenderer:
         rows = np.flatnonzero(moving.any(axis=1))
         cols = np.flatnonzero(moving.any(axis=0))
         self._roi_cells = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
-        r0, r1, c0, c1 = self._roi_cells
         st = self._step
-        self._roi = (r0 * st, r1 * st, c0 * st, c1 * st)
-        self._id_coarse = _identity_grid(res + 2, res + 2, res, -1, -1)  # padded coarse grid
-        self._id_coarse_ch = self._id_coarse.permute(0, 3, 1, 2).contiguous()
+        id_coarse = _identity_grid(res + 2, res + 2, res, -1, -1)  # padded coarse grid
+        self._id_coarse_ch = id_coarse.permute(0, 3, 1, 2).contiguous()
         img = torch.from_numpy(pack.image.astype(np.float32)).permute(2, 0, 1)
         alpha = torch.from_numpy(pack.skin_alpha)[None]
         # Premultiplied RGB, channels-last (grid_sample gathers a pixel's values at once); the
@@ -162,7 +160,6 @@ class FaceRenderer:
         self._still = STILL_PX * 2.0 / s
         self._core_np = np.array(self._core_cells, dtype=np.int64)
         self._ident_np = self._id_coarse_ch[0].contiguous().numpy()
-        self._head_fields_np = self._head_fields.reshape(3, 2, res + 2, res + 2).numpy()
         self._roi_np = np.array(self._roi_cells, dtype=np.int64)
         self._eye_back = eye_back[None].contiguous(memory_format=torch.channels_last)
         self._eye_masks_pad = [pad_source(r.mask[0, 0].numpy()) for r in self._eye_regions]
@@ -191,11 +188,12 @@ class FaceRenderer:
         inside = (xs > lm[LIP_INNER_UPPER[0], 0]) & (xs < lm[LIP_INNER_UPPER[-1], 0])
         edge_up = _contour_y(lm, LIP_INNER_UPPER, xs) - LIP_EDGE_INSET * s / 512
         edge_lo = _contour_y(lm, LIP_INNER_LOWER, xs) + LIP_EDGE_INSET * s / 512
-        self._edge_up = torch.from_numpy(np.where(inside, edge_up, np.inf).astype(np.float32))
-        self._edge_lo = torch.from_numpy(np.where(inside, edge_lo, -np.inf).astype(np.float32))
+        self._edge_up = np.where(inside, edge_up, np.inf).astype(np.float32)
+        self._edge_lo = np.where(inside, edge_lo, -np.inf).astype(np.float32)
         lm32 = lm.astype(np.float32)
-        self._lip_upper = torch.from_numpy(lm32[list(LIP_INNER_UPPER)])
-        self._lip_lower = torch.from_numpy(lm32[list(LIP_INNER_LOWER)])
+        # The contour at rest, upper lip then lower (corner to corner each).
+        self._lip_rest = np.concatenate([lm32[list(LIP_INNER_UPPER)],
+                                         lm32[list(LIP_INNER_LOWER)]])
         mouth = pack.mouth
         tex_upper = torch.from_numpy(mouth.upper).permute(2, 0, 1)[None].contiguous()
         tex_lower = torch.from_numpy(mouth.lower).permute(2, 0, 1)[None].contiguous()
@@ -216,43 +214,33 @@ class FaceRenderer:
         # bottom right, so one chroma sample per block is the block's average (see
         # _shade_i420); the still portrait as I420 for everything outside the ROI.
         yuv = _rgb_to_yuv(img)
-        self._skin_y = (yuv[:1] * alpha)[None].contiguous()
-        self._skin_uv = _box2(yuv[1:] * alpha)[None].contiguous()
-        self._alpha_box = _box2(alpha)[None].contiguous()
+        skin_uv = _box2(yuv[1:] * alpha).numpy()
         eye_yuv = _rgb_to_yuv(eye_back)
-        self._eye_back_yuv = torch.cat([eye_yuv[None, :1], _box2(eye_yuv[1:])[None]],
-                                       dim=1).contiguous(memory_format=torch.channels_last)
+        eye_uv = _box2(eye_yuv[1:]).numpy()
         bg = torch.cat([yuv[:1].flatten(), F.avg_pool2d(yuv[1:2][None], 2).flatten(),
                         F.avg_pool2d(yuv[2:3][None], 2).flatten()])
         self._bg_i420 = bg.add_(0.5).clamp_(0, 255).to(torch.uint8).numpy().reshape(
             s * 3 // 2, s)
         self._bg_i420.flags.writeable = False
-        # The warp kernel's sources (padded for its border taps) and its positions' units.
-        self._skin_y_pad = pad_source(self._skin_y[0, 0].numpy())
-        self._skin_u_pad = pad_source(self._skin_uv[0, 0, ::2, ::2].numpy())
-        self._skin_v_pad = pad_source(self._skin_uv[0, 1, ::2, ::2].numpy())
-        self._alpha_pad = pad_source(self._skin_alpha[0, 0].numpy())
-        self._alpha_box_pad = pad_source(self._alpha_box[0, 0, ::2, ::2].numpy())
-        eye_planes = self._eye_back_yuv[0].contiguous().numpy()
-        self._eye_back_pad = (pad_source(eye_planes[0]), pad_source(eye_planes[1, ::2, ::2]),
-                              pad_source(eye_planes[2, ::2, ::2]))
+        # The kernels' sources, padded for their border taps; chroma (each sample a 2x2
+        # block's mean) at half size.
+        self._skin_y_pad = pad_source((yuv[0] * alpha[0]).numpy())
+        self._skin_u_pad = pad_source(skin_uv[0, ::2, ::2])
+        self._skin_v_pad = pad_source(skin_uv[1, ::2, ::2])
+        self._alpha_pad = pad_source(pack.skin_alpha)
+        self._alpha_box_pad = pad_source(_box2(alpha).numpy()[0, ::2, ::2])
+        self._eye_back_pad = (pad_source(eye_yuv[0].numpy()), pad_source(eye_uv[0, ::2, ::2]),
+                              pad_source(eye_uv[1, ::2, ::2]))
         self._tex_rows_per_px = mouth.px_size / s
-        motion = torch.from_numpy(np.ascontiguousarray(mouth.lip_motion))  # (K, 22, 2)
-        self._lip_motion = motion[self._bs_rows].reshape(len(self._bs_rows), -1).contiguous()
-        self._lip_rest = torch.cat([self._lip_upper, self._lip_lower])
+        # How each blendshape moves the contour (K, 44); the corners keep their design; the
+        # designed contour follows the head's flow (0), each lip's resting point its own
+        # side's (1: upper, the whole flow; 2: lower, the mouth region's).
+        self._lip_motion = np.ascontiguousarray(
+            mouth.lip_motion[self._bs_rows].reshape(len(self._bs_rows), -1), np.float32)
         half = len(LIP_INNER_UPPER)
-        corners = torch.zeros(2 * half, dtype=torch.bool)
-        corners[[0, half - 1, half, 2 * half - 1]] = True
-        self._lip_designed = corners
-        own = torch.tensor([1] * half + [2] * half)
-        self._lip_pick = torch.cat([torch.zeros(2 * half, dtype=torch.long), own])
-        self._lip_pick_np = self._lip_pick.numpy().astype(np.int64)
-        self._lip_designed_np = self._lip_designed.numpy().copy()
-        self._lip_rest_np = self._lip_rest.numpy().copy()
-        self._lip_motion_np = self._lip_motion.numpy().copy()
-        self._mouth_fields_np = self._mouth.fields.numpy().copy()
-        self._edge_up_np = self._edge_up.numpy()
-        self._edge_lo_np = self._edge_lo.numpy()
+        self._lip_designed = np.zeros(2 * half, np.bool_)
+        self._lip_designed[[0, half - 1, half, 2 * half - 1]] = True
+        self._lip_pick = np.array([0] * (2 * half) + [1] * half + [2] * half, np.int64)
 
     def _require_started(self) -> None:
         if not self._ready:
@@ -358,7 +346,7 @@ class FaceRenderer:
         # move this chunk (the ROI), in the same pass.
         *flows_np, box, moving = coarse_flows(
             coeff.contiguous().numpy(), head.contiguous().numpy(), *self._bs_sparse,
-            self._head_fields_np, self._ident_np, s, self._still, self._core_np, self._roi_np)
+            self._head_fields, self._ident_np, s, self._still, self._core_np, self._roi_np)
         hd, bs_at, total, coarse, head_pos, coarse_px = (torch.from_numpy(a) for a in flows_np)
         roi_cells = (int(box[0]), int(box[1]), int(box[2]), int(box[3]))
         roi = (roi_cells[0] * st, roi_cells[1] * st, roi_cells[2] * st, roi_cells[3] * st)
@@ -374,9 +362,9 @@ class FaceRenderer:
         m0, m1, n0, n1 = mouth.cells
         ph, pw = mouth.padded_shape
         lips_np, alt_np = lip_contour(
-            coeff.contiguous().numpy(), self._lip_rest_np, self._lip_motion_np,
-            self._mouth_fields_np, flows_np[0], flows_np[2], m0, n0, ph, pw, s, st,
-            self._lip_pick_np, self._lip_designed_np, FIXED_POINT_STEPS)
+            coeff.contiguous().numpy(), self._lip_rest, self._lip_motion,
+            self._mouth.fields_np, flows_np[0], flows_np[2], m0, n0, ph, pw, s, st,
+            self._lip_pick, self._lip_designed, FIXED_POINT_STEPS)
         lips, alt_m = torch.from_numpy(lips_np), torch.from_numpy(alt_np)
         # The eye layer (eyeballs, and each eye's side mask) only follows the head: its
         # sampling grid over a box holding both eyes.
@@ -645,7 +633,7 @@ class FaceRenderer:
             if cy1 > cy0 and cx1 > cx0:
                 boxes[f] = (cy0, cy1, cx0, cx1)
         clamp_to_lips(grid.permute(0, 3, 1, 2).numpy(), boxes, mask.numpy(), by0, bx0,
-                      self._edge_up_np, self._edge_lo_np, s)
+                      self._edge_up, self._edge_lo, s)
         return boxes
 
     def _mouth_interior(self, lips: Tensor, roi: tuple[int, int, int, int], colours: _Interior,
